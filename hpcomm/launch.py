@@ -1,0 +1,116 @@
+"""Local multi-process worlds over gloo: ``spawn`` runs one function on N fresh processes;
+``World`` keeps N processes alive and runs many functions on them (spawning costs seconds).
+
+Functions must be importable (module level) so that spawned processes can unpickle them; each is
+called as ``fn(rank, world_size, *args)`` inside an initialized default process group.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from datetime import timedelta
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RemoteError(RuntimeError):
+    """An exception raised on one or more ranks of a World, with their tracebacks."""
+
+    def __init__(self, failures: dict[int, str]):
+        self.failures = failures
+        detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
+        super().__init__(f"ranks {sorted(failures)} failed:\n{detail}")
+
+
+def _worker(rank: int, world_size: int, port: int, tasks, results, pg_timeout: float) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=pg_timeout))
+    try:
+        while True:
+            task = tasks.get()
+            if task is None:
+                break
+            fn, args = task
+            try:
+                results.put((rank, True, fn(rank, world_size, *args)))
+            except BaseException:  # report every failure, including asserts, to the parent
+                results.put((rank, False, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+class World:
+    """N local gloo processes reused across calls. ``run(fn, *args)`` returns the per-rank results
+    or raises RemoteError; a call that does not finish within ``timeout`` kills the world (the
+    next call starts a fresh one) and raises TimeoutError."""
+
+    def __init__(self, world_size: int, pg_timeout: float = 60.0):
+        self.world_size, self.pg_timeout = world_size, pg_timeout
+        self._procs: list = []
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._tasks = [ctx.Queue() for _ in range(self.world_size)]
+        self._results = ctx.Queue()
+        port = free_port()
+        self._procs = [ctx.Process(target=_worker, daemon=True,
+                                   args=(r, self.world_size, port, self._tasks[r], self._results,
+                                         self.pg_timeout))
+                       for r in range(self.world_size)]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn, *args, timeout: float = 120.0) -> list:
+        if not self._procs or not all(p.is_alive() for p in self._procs):
+            self.close()
+            self._start()
+        for q in self._tasks:
+            q.put((fn, args))
+        out: dict[int, object] = {}
+        failures: dict[int, str] = {}
+        try:
+            for _ in range(self.world_size):
+                rank, ok, value = self._results.get(timeout=timeout)
+                (out if ok else failures)[rank] = value
+        except queue.Empty:
+            self.close()
+            raise TimeoutError(f"{fn.__name__} did not finish on all {self.world_size} ranks within "
+                               f"{timeout} s (finished: {sorted(out) + sorted(failures)})") from None
+        if failures:
+            raise RemoteError(failures)
+        return [out[r] for r in range(self.world_size)]
+
+    def close(self) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=5)
+        self._procs = []
+
+    def __enter__(self) -> World:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._procs:
+            for q in self._tasks:
+                q.put(None)
+            for p in self._procs:
+                p.join(timeout=10)
+        self.close()
+
+
+def spawn(fn, world_size: int, *args, timeout: float = 600.0) -> list:
+    """Run ``fn(rank, world_size, *args)`` once on a fresh local gloo world; per-rank results."""
+    with World(world_size) as world:
+        return world.run(fn, *args, timeout=timeout)

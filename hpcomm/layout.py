@@ -1,0 +1,579 @@
+"""Layouts: which rows (and which column range) of a logical global tensor each rank holds.
+
+A layout describes a logical tensor X with ``num_rows`` rows (dim 0). Rank r holds
+``X[rows(r)][..., c0:c1]`` with ``rows(r)`` in the layout's local order and ``(c0, c1) = cols(r)``
+(default: the whole last dim). Rows are stored as runs ``(start, length)`` so structured layouts cost
+O(runs), not O(rows). Layouts are pure data: immutable, hashable, and free of torch.distributed.
+
+Chunking follows ``torch.tensor_split``: n items in k parts gives the first ``n % k`` parts one extra.
+"""
+
+from __future__ import annotations
+
+import heapq
+import numbers
+from functools import cached_property
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+_I64 = np.int64
+
+RowsLike = Sequence[int] | np.ndarray | torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------------
+# run arithmetic (shared by builders, select, nesting and the holder index)
+
+
+def split_points(n: int, k: int) -> np.ndarray:
+    """Boundaries [k + 1] of n items tensor_split into k parts."""
+    i = np.arange(k + 1, dtype=_I64)
+    return i * (n // k) + np.minimum(i, n % k)
+
+
+def merge_runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop empty runs and fuse runs that continue each other (local order is kept)."""
+    keep = lengths > 0
+    starts, lengths = starts[keep], lengths[keep]
+    if len(starts) < 2:
+        return starts.astype(_I64), lengths.astype(_I64)
+    new = np.ones(len(starts), dtype=bool)
+    new[1:] = starts[1:] != starts[:-1] + lengths[:-1]
+    heads = np.flatnonzero(new)
+    ends = np.add.reduceat(lengths, heads)
+    return starts[heads].astype(_I64), ends.astype(_I64)
+
+
+def split_at(starts: np.ndarray, ends: np.ndarray, bps: np.ndarray):
+    """Cut each non-empty range [starts[i], ends[i]) at the sorted breakpoints ``bps``.
+
+    Returns (range index, piece start, piece end, bin) for every piece, in range order, where bin j
+    means ``bps[j] <= piece < bps[j + 1]``. Ranges must lie inside [bps[0], bps[-1]].
+    """
+    first = np.searchsorted(bps, starts, "right") - 1
+    last = np.searchsorted(bps, ends, "left")
+    counts = np.maximum(last - first, 0)
+    idx = np.repeat(np.arange(len(starts), dtype=_I64), counts)
+    offsets = np.arange(int(counts.sum()), dtype=_I64) - np.repeat(np.cumsum(counts) - counts, counts)
+    bins = first[idx] + offsets
+    return idx, np.maximum(starts[idx], bps[bins]), np.minimum(ends[idx], bps[bins + 1]), bins
+
+
+def compose_runs(inner_starts, inner_lengths, outer_starts, outer_lengths):
+    """Map runs given in the local index space of a rank (whose runs are ``outer``) to global rows."""
+    bounds = np.concatenate([[0], np.cumsum(outer_lengths)]).astype(_I64)
+    keep = inner_lengths > 0
+    inner_starts, inner_lengths = inner_starts[keep], inner_lengths[keep]
+    _, ps, pe, bins = split_at(inner_starts, inner_starts + inner_lengths, bounds)
+    return merge_runs(outer_starts[bins] + (ps - bounds[bins]), pe - ps)
+
+
+def runs_from_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Compress a row list (local order) into maximal runs of consecutive increasing rows."""
+    if len(rows) == 0:
+        return np.zeros(0, _I64), np.zeros(0, _I64)
+    new = np.ones(len(rows), dtype=bool)
+    new[1:] = rows[1:] != rows[:-1] + 1
+    heads = np.flatnonzero(new)
+    lengths = np.diff(np.append(heads, len(rows)))
+    return rows[heads].astype(_I64), lengths.astype(_I64)
+
+
+def expand_runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    total = int(lengths.sum())
+    offsets = np.arange(total, dtype=_I64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + offsets
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation helpers: every message names the offending rank or value
+
+
+def _check_int(value, what: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_ranks(ranks: Iterable[int], what: str = "ranks") -> tuple[int, ...]:
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Iterable):
+        raise TypeError(f"{what} must be a sequence of ints, got {ranks!r}")
+    ranks = tuple(_check_int(r, f"rank {r!r} in {what}") for r in ranks)
+    if not ranks:
+        raise ValueError(f"{what} is empty: a layout needs at least one rank")
+    seen = set()
+    for r in ranks:
+        if r in seen:
+            raise ValueError(f"rank {r} appears twice in {what}")
+        seen.add(r)
+    return ranks
+
+
+def _check_lengths(lengths, what: str) -> tuple[int, ...]:
+    if isinstance(lengths, torch.Tensor):
+        lengths = lengths.tolist()
+    if isinstance(lengths, np.ndarray):
+        lengths = lengths.tolist()
+    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Iterable):
+        raise TypeError(f"{what} must be a sequence of ints, got {lengths!r}")
+    return tuple(_check_int(n, f"{what}[{i}]") for i, n in enumerate(lengths))
+
+
+def _as_row_array(rows, rank: int, what: str = "rows") -> np.ndarray:
+    if isinstance(rows, torch.Tensor):
+        if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
+            raise TypeError(f"{what} of rank {rank} must be an integer tensor, got {rows.dtype}")
+        return rows.detach().cpu().reshape(-1).numpy().astype(_I64)
+    if isinstance(rows, np.ndarray):
+        if not np.issubdtype(rows.dtype, np.integer):
+            raise TypeError(f"{what} of rank {rank} must be integers, got dtype {rows.dtype}")
+        return rows.reshape(-1).astype(_I64)
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
+        raise TypeError(f"{what} of rank {rank} must be a sequence of ints, got {rows!r}")
+    rows = list(rows)
+    for v in rows:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{what} of rank {rank} must be ints, got {v!r}")
+    return np.asarray(rows, dtype=_I64).reshape(-1)
+
+
+def _check_rows(rows: np.ndarray, num_rows: int, rank, what: str = "rows") -> None:
+    if len(rows) == 0:
+        return
+    bad = rows[(rows < 0) | (rows >= num_rows)]
+    if len(bad):
+        raise ValueError(f"{what} of rank {rank}: row {int(bad[0])} is out of range [0, {num_rows})")
+    sorted_rows = np.sort(rows)
+    dup = sorted_rows[1:][sorted_rows[1:] == sorted_rows[:-1]]
+    if len(dup):
+        raise ValueError(f"{what} of rank {rank}: row {int(dup[0])} appears twice")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class Layout:
+    """Rows and column range of a logical [num_rows, ..., num_cols] tensor held by each rank.
+
+    Build with the classmethods (``from_rows``, ``replicated``, ``contiguous``, ``dp``, ``cp``,
+    ``grid``) and ``select``/``nest``; modify with ``with_cols`` and ``as_partial``.
+    """
+
+    def __init__(self, kind: str, spec: tuple, num_rows: int, ranks: tuple[int, ...],
+                 cols: tuple[tuple[int, int], ...] | None = None, num_cols: int | None = None,
+                 partial: bool = False):
+        self._kind, self._spec = kind, spec
+        self.num_rows, self.ranks = num_rows, ranks
+        self._cols, self.num_cols, self.partial = cols, num_cols, bool(partial)
+        self._key = (kind, spec, num_rows, ranks, cols, num_cols, self.partial)
+        self._hash = hash(self._key)
+
+    # -- identity ---------------------------------------------------------------------------------
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Layout) and self._hash == other._hash and self._key == other._key
+
+    def __setattr__(self, name, value):
+        if hasattr(self, "_hash"):
+            raise AttributeError("Layout is immutable")
+        object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        extra = (f", cols={dict(zip(self.ranks, self._cols))}" if self._cols else "") + (
+            ", partial" if self.partial else "")
+        return f"Layout.{self._kind}(ranks={list(self.ranks)}, num_rows={self.num_rows}{extra})"
+
+    # -- builders ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_rows(cls, rows: Mapping[int, RowsLike], num_rows: int,
+                  cols: Mapping[int, tuple[int, int]] | None = None, num_cols: int | None = None,
+                  partial: bool = False) -> Layout:
+        """rows: rank -> global row indices in local order; cols: rank -> (start, stop) on the last dim."""
+        if not isinstance(rows, Mapping):
+            raise TypeError(f"rows must map rank -> row indices, got {type(rows).__name__}")
+        num_rows = _check_int(num_rows, "num_rows")
+        ranks = _check_ranks(rows.keys(), "ranks of rows")
+        spec = []
+        for r in ranks:
+            arr = _as_row_array(rows[r], r)
+            _check_rows(arr, num_rows, r)
+            s, n = runs_from_rows(arr)
+            spec.append((tuple(s.tolist()), tuple(n.tolist())))
+        layout = cls("from_rows", tuple(spec), num_rows, ranks, partial=partial)
+        return layout.with_cols(cols, num_cols) if cols is not None or num_cols is not None else layout
+
+    @classmethod
+    def replicated(cls, ranks: Sequence[int], num_rows: int) -> Layout:
+        """Every rank holds rows 0..num_rows-1."""
+        return cls("replicated", (), _check_int(num_rows, "num_rows"), _check_ranks(ranks))
+
+    @classmethod
+    def contiguous(cls, ranks: Sequence[int], num_rows: int) -> Layout:
+        """Rows tensor_split into len(ranks) parts, part i to ranks[i]."""
+        return cls("contiguous", (), _check_int(num_rows, "num_rows"), _check_ranks(ranks))
+
+    @classmethod
+    def dp(cls, ranks: Sequence[int], sample_lens: Sequence[int], assign: str = "contiguous") -> Layout:
+        """Whole samples per rank. assign: "contiguous" | "round_robin" | "balanced"."""
+        ranks = _check_ranks(ranks)
+        lens = _check_lengths(sample_lens, "sample_lens")
+        if assign not in ("contiguous", "round_robin", "balanced"):
+            raise ValueError(f"unknown dp assign {assign!r}; expected contiguous, round_robin or balanced")
+        return cls("dp", (lens, assign), sum(lens), ranks)
+
+    @classmethod
+    def cp(cls, ranks: Sequence[int], seq_lens: Sequence[int], mode: str = "zigzag") -> Layout:
+        """THD-packed sequences, each cut separately. mode: "zigzag" | "contiguous"."""
+        ranks = _check_ranks(ranks)
+        lens = _check_lengths(seq_lens, "seq_lens")
+        if mode not in ("zigzag", "contiguous"):
+            raise ValueError(f"unknown cp mode {mode!r}; expected zigzag or contiguous")
+        return cls("cp", (lens, mode), sum(lens), ranks)
+
+    def select(self, rows: RowsLike) -> Layout:
+        """A layout whose global row j is this layout's row rows[j]; each rank keeps the selected rows
+        it holds, in its local order (used for the image-token positions of an LLM layout)."""
+        arr = _as_row_array(rows, "select", what="select rows")
+        try:
+            _check_rows(arr, self.num_rows, "-", what="select rows")
+        except ValueError as e:
+            raise ValueError(str(e).replace(" of rank -", "")) from None
+        return Layout("select", (self, tuple(arr.tolist())), len(arr), self.ranks, self._cols,
+                      self.num_cols, self.partial)
+
+    @classmethod
+    def nest(cls, outer: Layout, inner: Sequence[Layout], ranks: Sequence[int] | None = None) -> Layout:
+        """Compose: outer.ranks are virtual groups; inner[i] lays out the rows group i holds (in its
+        local order) over real ranks. ``ranks`` optionally fixes the order of the result's ranks."""
+        inner = tuple(inner)
+        if len(inner) != len(outer.ranks):
+            raise ValueError(f"nest needs one inner layout per outer rank ({len(outer.ranks)}), "
+                             f"got {len(inner)}")
+        all_ranks: list[int] = []
+        for g, lay in zip(outer.ranks, inner):
+            held = outer.local_num_rows(g)
+            if lay.num_rows != held:
+                raise ValueError(f"inner layout for group {g} has {lay.num_rows} rows, but the group "
+                                 f"holds {held}")
+            all_ranks.extend(lay.ranks)
+        all_ranks_t = _check_ranks(all_ranks, "ranks of the inner layouts")
+        if ranks is not None:
+            order = _check_ranks(ranks)
+            if sorted(order) != sorted(all_ranks_t):
+                raise ValueError(f"ranks {list(order)} must be a permutation of the inner layouts' "
+                                 f"ranks {list(all_ranks_t)}")
+            all_ranks_t = order
+        with_cols = any(lay._cols is not None for lay in inner)
+        cols = num_cols = None
+        if with_cols:
+            widths = {lay.num_cols for lay in inner if lay._cols is not None}
+            if len(widths) != 1:
+                raise ValueError(f"inner layouts disagree on num_cols: {sorted(widths)}")
+            num_cols = widths.pop()
+            by_rank = {}
+            for lay in inner:
+                for r in lay.ranks:
+                    by_rank[r] = lay.cols(r) if lay._cols is not None else (0, num_cols)
+            cols = tuple(by_rank[r] for r in all_ranks_t)
+        return cls("nest", (outer, inner), outer.num_rows, all_ranks_t, cols, num_cols)
+
+    @classmethod
+    def grid(cls, seq_lens: Sequence[int], dp: int = 1, cp: int = 1, tp: int = 1,
+             cp_mode: str = "zigzag", tp_mode: str = "sp", dp_assign: str = "contiguous",
+             ranks: Sequence[int] | None = None, order: str = "tp-cp-dp",
+             num_cols: int | None = None) -> Layout:
+        """A DP x CP x TP mesh over THD-packed sequences (samples).
+
+        DP hands whole samples to DP groups (``dp_assign``); CP cuts each sequence of a DP group over
+        its CP ranks (``cp_mode``); TP then either splits each CP rank's rows contiguously
+        (``tp_mode="sp"``, Megatron sequence parallelism), replicates them (``"replicate"``), or
+        splits the last dim (``"hidden"``, needs ``num_cols``). ``order`` lists the dims fastest
+        first (Megatron's default is "tp-cp-dp": TP neighbours are adjacent ranks); rank
+        (d, c, t) is ``ranks[flat index]``, ``ranks`` defaulting to range(dp * cp * tp).
+
+        Example: an encoder ``Layout.dp(range(4), lens)`` and an LLM
+        ``Layout.grid(lens, cp=2, tp=2)`` on the same 4 ranks: ranks 0, 1 are CP rank 0 (TP 0, 1).
+        """
+        dp = _check_int(dp, "dp", 1)
+        cp = _check_int(cp, "cp", 1)
+        tp = _check_int(tp, "tp", 1)
+        if tp_mode not in ("sp", "replicate", "hidden"):
+            raise ValueError(f"unknown tp_mode {tp_mode!r}; expected sp, replicate or hidden")
+        if tp_mode == "hidden" and num_cols is None:
+            raise ValueError("tp_mode='hidden' needs num_cols (the size of the last dim)")
+        dims = order.split("-")
+        if sorted(dims) != ["cp", "dp", "tp"]:
+            raise ValueError(f"order {order!r} must be a permutation of tp, cp, dp joined by '-'")
+        size = dp * cp * tp
+        ranks = _check_ranks(range(size) if ranks is None else ranks)
+        if len(ranks) != size:
+            raise ValueError(f"grid dp={dp} x cp={cp} x tp={tp} needs {size} ranks, got {len(ranks)}")
+        degree = {"dp": dp, "cp": cp, "tp": tp}
+        stride, acc = {}, 1
+        for d in dims:
+            stride[d] = acc
+            acc *= degree[d]
+
+        def rank_at(d, c, t):
+            return ranks[d * stride["dp"] + c * stride["cp"] + t * stride["tp"]]
+
+        lens = _check_lengths(seq_lens, "seq_lens")
+        outer = cls.dp(range(dp), lens, dp_assign)
+        dp_groups = []
+        for d in range(dp):
+            group_lens = [lens[s] for s in outer._dp_samples(d)]
+            cp_layout = cls.cp(range(cp), group_lens, cp_mode)
+            tp_layouts = []
+            for c in range(cp):
+                tp_ranks = [rank_at(d, c, t) for t in range(tp)]
+                n = cp_layout.local_num_rows(c)
+                if tp_mode == "sp":
+                    tp_layouts.append(cls.contiguous(tp_ranks, n))
+                else:
+                    lay = cls.replicated(tp_ranks, n)
+                    if tp_mode == "hidden":
+                        bounds = split_points(num_cols, tp)
+                        lay = lay.with_cols({r: (int(bounds[t]), int(bounds[t + 1]))
+                                             for t, r in enumerate(tp_ranks)}, num_cols)
+                    tp_layouts.append(lay)
+            dp_groups.append(cls.nest(cp_layout, tp_layouts))
+        layout = cls.nest(outer, dp_groups, ranks)
+        if num_cols is not None and layout._cols is None:
+            layout = layout.with_cols(None, num_cols)
+        return layout
+
+    # -- modifiers --------------------------------------------------------------------------------
+
+    def with_cols(self, cols: Mapping[int, tuple[int, int]] | None, num_cols: int | None) -> Layout:
+        """Give ranks column ranges (start, stop) on the last dim of size num_cols (missing ranks,
+        or cols=None: the whole dim)."""
+        num_cols = _check_int(num_cols, "num_cols")
+        cols = dict(cols or {})
+        for r in cols:
+            if r not in self.ranks:
+                raise ValueError(f"cols names rank {r}, which is not in the layout's ranks "
+                                 f"{list(self.ranks)}")
+        out = []
+        for r in self.ranks:
+            c = cols.get(r, (0, num_cols))
+            if not isinstance(c, (tuple, list)) or len(c) != 2:
+                raise TypeError(f"cols of rank {r} must be a (start, stop) pair, got {c!r}")
+            c0 = _check_int(c[0], f"column start of rank {r}")
+            c1 = _check_int(c[1], f"column stop of rank {r}")
+            if c1 < c0:
+                raise ValueError(f"column range of rank {r} is reversed: ({c0}, {c1})")
+            if c1 > num_cols:
+                raise ValueError(f"column range of rank {r} ({c0}, {c1}) goes beyond num_cols={num_cols}")
+            out.append((c0, c1))
+        return Layout(self._kind, self._spec, self.num_rows, self.ranks, tuple(out), num_cols,
+                      self.partial)
+
+    def as_partial(self, partial: bool = True) -> Layout:
+        """Holders of a row hold partial sums of it; a transform from here delivers the sum."""
+        return Layout(self._kind, self._spec, self.num_rows, self.ranks, self._cols, self.num_cols,
+                      partial)
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    @property
+    def has_cols(self) -> bool:
+        return self._cols is not None
+
+    def cols(self, rank: int) -> tuple[int, int] | None:
+        """(start, stop) of rank's columns on the last dim, or None for the whole dim."""
+        i = self.index(rank)
+        return None if self._cols is None else self._cols[i]
+
+    def index(self, rank: int) -> int:
+        """Position of ``rank`` in ``ranks``."""
+        try:
+            return self._rank_pos[rank]
+        except (KeyError, TypeError):
+            raise ValueError(f"rank {rank!r} is not in this layout's ranks {list(self.ranks)}") from None
+
+    @cached_property
+    def _rank_pos(self) -> dict[int, int]:
+        return {r: i for i, r in enumerate(self.ranks)}
+
+    def runs(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, lengths) of rank's rows in local order, merged; empty if rank holds nothing."""
+        if rank not in self._rank_pos:
+            return np.zeros(0, _I64), np.zeros(0, _I64)
+        cache = self._runs_cache
+        if rank not in cache:
+            s, n = merge_runs(*self._compute_runs(self._rank_pos[rank]))
+            s.flags.writeable = n.flags.writeable = False
+            cache[rank] = (s, n)
+        return cache[rank]
+
+    @cached_property
+    def _runs_cache(self) -> dict:
+        return {}
+
+    def rows(self, rank: int) -> torch.Tensor:
+        """Global row indices held by ``rank``, in local order (int64)."""
+        return torch.from_numpy(expand_runs(*self.runs(rank)))
+
+    def local_num_rows(self, rank: int) -> int:
+        return int(self.runs(rank)[1].sum())
+
+    def shard(self, x: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank's local tensor of the global ``x``: ``x[rows(rank)][..., c0:c1]``."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"shard expects a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[0] != self.num_rows:
+            raise ValueError(f"shard expects a tensor with {self.num_rows} rows, got shape "
+                             f"{tuple(x.shape)}")
+        local = x[self.rows(rank).to(x.device)]
+        c = self.cols(rank) if rank in self._rank_pos else None
+        if c is not None:
+            if x.shape[-1] != self.num_cols:
+                raise ValueError(f"last dim {x.shape[-1]} != num_cols {self.num_cols}")
+            local = local[..., c[0]:c[1]]
+        return local
+
+    # -- per-kind runs ----------------------------------------------------------------------------
+
+    def _compute_runs(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        k, n = len(self.ranks), self.num_rows
+        kind, spec = self._kind, self._spec
+        if kind == "replicated":
+            return np.array([0], _I64), np.array([n], _I64)
+        if kind == "contiguous":
+            b = split_points(n, k)
+            return b[i:i + 1], b[i + 1:i + 2] - b[i:i + 1]
+        if kind == "from_rows":
+            s, l = spec[i]
+            return np.asarray(s, _I64), np.asarray(l, _I64)
+        if kind == "dp":
+            samples = self._dp_samples(i)
+            return self._offsets[samples], self._lens[samples]
+        if kind == "cp":
+            return self._cp_runs(i)
+        if kind == "select":
+            return self._select_runs(self.ranks[i])
+        if kind == "nest":
+            return self._nest_runs(self.ranks[i])
+        raise AssertionError(kind)
+
+    @cached_property
+    def _lens(self) -> np.ndarray:
+        return np.asarray(self._spec[0], _I64)
+
+    @cached_property
+    def _offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self._lens)[:-1]]).astype(_I64)
+
+    @cached_property
+    def _dp_owner(self) -> np.ndarray:
+        lens, assign = self._lens, self._spec[1]
+        k, s = len(self.ranks), len(lens)
+        if assign == "contiguous":
+            return np.repeat(np.arange(k), np.diff(split_points(s, k)))
+        if assign == "round_robin":
+            return np.arange(s) % k
+        owner = np.empty(s, _I64)
+        heap = [(0, r) for r in range(k)]  # (rows so far, position): ties go to the earlier rank
+        for sample in np.lexsort((np.arange(s), -lens)):
+            load, r = heapq.heappop(heap)
+            owner[sample] = r
+            heapq.heappush(heap, (load + int(lens[sample]), r))
+        return owner
+
+    def _dp_samples(self, i: int) -> np.ndarray:
+        """Sample indices held by rank position i, increasing (a dp layout's local order)."""
+        return np.flatnonzero(self._dp_owner == i)
+
+    def _cp_runs(self, i: int):
+        lens, mode = self._lens, self._spec[1]
+        k = len(self.ranks)
+        parts = 2 * k if mode == "zigzag" else k
+        chunks = [i, parts - 1 - i] if mode == "zigzag" else [i]
+        base, extra = lens // parts, lens % parts
+        starts, lengths = [], []
+        for j in chunks:
+            starts.append(self._offsets + j * base + np.minimum(j, extra))
+            lengths.append(base + (j < extra))
+        # local order: for each sequence, chunk i then chunk parts-1-i
+        return np.stack(starts, 1).reshape(-1), np.stack(lengths, 1).reshape(-1)
+
+    @cached_property
+    def _select_sorted(self):
+        rows = np.asarray(self._spec[1], _I64)
+        order = np.argsort(rows, kind="stable")
+        return rows[order], order
+
+    def _select_runs(self, rank: int):
+        parent: Layout = self._spec[0]
+        sorted_rows, order = self._select_sorted
+        ps, pl = parent.runs(rank)
+        lo = np.searchsorted(sorted_rows, ps, "left")
+        hi = np.searchsorted(sorted_rows, ps + pl, "left")
+        # within a parent run the local order is increasing parent row, so take matches in order
+        picked = order[expand_runs(lo, hi - lo)]
+        return runs_from_rows(picked)
+
+    def _nest_runs(self, rank: int):
+        outer, inner = self._spec
+        for g, lay in zip(outer.ranks, inner):
+            if rank in lay._rank_pos:
+                return compose_runs(*lay.runs(rank), *outer.runs(g))
+        raise AssertionError(rank)
+
+    # -- coverage and the holder index (used by the planner) ---------------------------------------
+
+    def covered_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted, disjoint runs of rows held by at least one rank."""
+        full = (np.array([0], _I64), np.array([self.num_rows], _I64))
+        if self._kind in ("replicated", "contiguous", "dp", "cp"):
+            return full if self.num_rows else (np.zeros(0, _I64), np.zeros(0, _I64))
+        if self._kind == "nest":
+            return self._spec[0].covered_runs()
+        starts = np.concatenate([self.runs(r)[0] for r in self.ranks])
+        lengths = np.concatenate([self.runs(r)[1] for r in self.ranks])
+        if len(starts) == 0:
+            return starts, lengths
+        order = np.argsort(starts, kind="stable")
+        starts, ends = starts[order], (starts + lengths)[order]
+        reach = np.maximum.accumulate(ends)
+        new = np.ones(len(starts), dtype=bool)
+        new[1:] = starts[1:] > reach[:-1]
+        heads = np.flatnonzero(new)
+        tails = np.append(heads[1:], len(starts)) - 1
+        return starts[heads], reach[tails] - starts[heads]
+
+    @cached_property
+    def holder_index(self) -> HolderIndex:
+        return HolderIndex(self)
+
+
+class HolderIndex:
+    """For every elementary row interval of a layout, the positions (in ``layout.ranks``) of the
+    ranks that hold it: ``bps`` are the interval bounds, ``holders[ptr[b]:ptr[b + 1]]`` the holders
+    of interval b in increasing position."""
+
+    def __init__(self, layout: Layout):
+        runs = [layout.runs(r) for r in layout.ranks]
+        starts = np.concatenate([s for s, _ in runs] + [np.zeros(0, _I64)])
+        ends = starts + np.concatenate([n for _, n in runs] + [np.zeros(0, _I64)])
+        owner = np.repeat(np.arange(len(runs), dtype=_I64), [len(s) for s, _ in runs])
+        self.bps = np.unique(np.concatenate([starts, ends, [0, layout.num_rows]])).astype(_I64)
+        idx, _, _, bins = split_at(starts, ends, self.bps)
+        order = np.lexsort((owner[idx], bins))
+        self.holders = owner[idx][order]
+        self.ptr = np.searchsorted(bins[order], np.arange(len(self.bps)), "left").astype(_I64)
+
+    def split(self, starts: np.ndarray, ends: np.ndarray):
+        """Cut ranges at interval bounds: (range index, piece start, piece end, interval)."""
+        return split_at(starts, ends, self.bps)
+
+    def holders_of(self, interval: int) -> tuple[int, ...]:
+        return tuple(self.holders[self.ptr[interval]:self.ptr[interval + 1]].tolist())

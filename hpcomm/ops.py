@@ -1,0 +1,156 @@
+"""torch.library custom ops under ``hpcomm::``.
+
+- ``hpcomm::transform(x, anchor, handle)`` runs a registered Transform's forward on this rank;
+  its autograd backward is ``hpcomm::transform_backward(grad, handle)``, the collective that routes
+  the gradient back. Fake implementations give static output shapes from the layouts, so
+  ``torch.compile(fullgraph=True)`` traces through them. ``anchor`` is an empty tensor that requires
+  grad whenever grad mode is on: it keeps the output in the autograd graph on ranks whose own input
+  does not require grad (destination-only ranks), because their backward must still run to send
+  gradients to the sources.
+- ``hpcomm::pack(x, table, numel)`` gathers segments of a flat tensor into a new buffer and
+  ``hpcomm::unpack(buf, table, numel)`` scatters a buffer into a new zero-filled flat tensor; each is
+  the other's backward (tables as in ``hpcomm.segments``; backend "auto").
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+
+from hpcomm import segments
+
+_transforms: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_next_handle = itertools.count()
+
+
+def register_transform(transform) -> int:
+    """Give a Transform an integer handle that the custom ops can carry through a graph."""
+    handle = next(_next_handle)
+    _transforms[handle] = transform
+    return handle
+
+
+def _lookup(handle: int):
+    try:
+        return _transforms[handle]
+    except KeyError:
+        raise RuntimeError(f"hpcomm transform handle {handle} is not alive") from None
+
+
+@torch.library.custom_op("hpcomm::transform", mutates_args=())
+def transform(x: torch.Tensor, anchor: torch.Tensor, handle: int) -> torch.Tensor:
+    return _lookup(handle)._forward(x)
+
+
+@transform.register_fake
+def _(x, anchor, handle):
+    return x.new_empty(_lookup(handle)._output_shape(x, backward=False))
+
+
+@torch.library.custom_op("hpcomm::transform_backward", mutates_args=())
+def transform_backward(grad: torch.Tensor, handle: int) -> torch.Tensor:
+    return _lookup(handle)._backward(grad)
+
+
+@transform_backward.register_fake
+def _(grad, handle):
+    return grad.new_empty(_lookup(handle)._output_shape(grad, backward=True))
+
+
+def _transform_setup(ctx, inputs, output):
+    ctx.handle = inputs[2]
+    ctx.transform = _lookup(inputs[2])  # keeps the transform alive as long as the graph
+    ctx.anchor_shape = inputs[1].shape
+
+
+def _transform_grad(ctx, grad):
+    grad_x = transform_backward(grad.contiguous(), ctx.handle)
+    return grad_x, grad.new_zeros(ctx.anchor_shape), None
+
+
+transform.register_autograd(_transform_grad, setup_context=_transform_setup)
+
+
+# -- pack / unpack: the kernel contract as differentiable ops -----------------------------------
+
+
+def _apply(src: torch.Tensor, dst: torch.Tensor, table: torch.Tensor, accumulate: bool) -> None:
+    backend = segments.resolve_backend("auto", src.device)
+    segments.copy_segments(src, dst, table.to(src.device), accumulate, backend)
+
+
+@torch.library.custom_op("hpcomm::pack", mutates_args=())
+def pack(x: torch.Tensor, table: torch.Tensor, numel: int) -> torch.Tensor:
+    """x: flat [n]; table: [segments, 6] into a buffer of ``numel`` elements."""
+    buf = x.new_zeros(numel)
+    _apply(x.contiguous(), buf, table, False)
+    return buf
+
+
+@pack.register_fake
+def _(x, table, numel):
+    return x.new_empty(numel)
+
+
+@torch.library.custom_op("hpcomm::unpack", mutates_args=())
+def unpack(buf: torch.Tensor, table: torch.Tensor, numel: int) -> torch.Tensor:
+    """buf: flat; table: [segments, 6] from the buffer into a new zero-filled flat [numel]."""
+    out = buf.new_zeros(numel)
+    _apply(buf.contiguous(), out, table, False)
+    return out
+
+
+@unpack.register_fake
+def _(buf, table, numel):
+    return buf.new_empty(numel)
+
+
+_SWAP = [1, 0, 2, 3, 5, 4]  # a table read backwards: destination and source columns exchanged
+
+
+def _layers(table: torch.Tensor) -> list[torch.Tensor]:
+    """Split a table into groups whose destinations (after swapping) are disjoint, so gradients of
+    an element read several times are added one group after the other, deterministically."""
+    rows = table.tolist()
+    spans = [(r[0], r[0] + (r[2] - 1) * r[4] + r[3]) if r[2] and r[3] else None for r in rows]
+    layers: list[list[int]] = []
+    ends: list[list[tuple[int, int]]] = []
+    for i, span in enumerate(spans):
+        for k, taken in enumerate(ends):
+            if span is None or all(span[1] <= a or b <= span[0] for a, b in taken):
+                layers[k].append(i)
+                if span is not None:
+                    taken.append(span)
+                break
+        else:
+            layers.append([i])
+            ends.append([span] if span is not None else [])
+    return [table[idx][:, _SWAP] for idx in layers]
+
+
+def _pack_setup(ctx, inputs, output):
+    ctx.table, ctx.numel = inputs[1], inputs[0].numel()
+
+
+def _pack_grad(ctx, grad):
+    # pack's backward is unpack with accumulation (an element sent to several peers sums)
+    out = grad.new_zeros(ctx.numel)
+    for layer in _layers(ctx.table):
+        backend = segments.resolve_backend("auto", grad.device)
+        segments.copy_segments(grad.contiguous(), out, layer.to(grad.device), True, backend)
+    return out, None, None
+
+
+def _unpack_setup(ctx, inputs, output):
+    ctx.table, ctx.numel = inputs[1], inputs[0].numel()
+
+
+def _unpack_grad(ctx, grad):
+    # unpack's backward is pack: each buffer element was written to exactly one place
+    return pack(grad.contiguous(), ctx.table[:, _SWAP].contiguous(), ctx.numel), None, None
+
+
+pack.register_autograd(_pack_grad, setup_context=_pack_setup)
+unpack.register_autograd(_unpack_grad, setup_context=_unpack_setup)

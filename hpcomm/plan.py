@@ -1,0 +1,353 @@
+"""Plans: what each rank sends, receives and copies locally to move a tensor between two layouts.
+
+A plan is pure data computed from two layouts alone (no process group, no tensors). Each rank
+builds only its own part (``Plan.rank_plan``), from the layouts' runs and holder indices, and the
+result is cached per (src, dst, rank).
+
+Units: when neither layout splits columns, a "column" is the whole row (``col_mode`` False, every
+window is (0, 1)); otherwise columns are elements of the last dim.
+
+Wire format of the message from s to d: the segments d needs from s, ordered by (column window
+start, global row), each ``[num_rows, *middle dims, num_cols]`` row-major, back to back. Sender and
+receiver derive that order independently from the layouts, so nothing but the payload crosses.
+
+Replica choice: a destination that holds a row in the source copies it locally; otherwise it reads
+the row from the holder at position ``dst position % number of holders`` among the row's holders
+(in source-rank order), which spreads destinations over replicas deterministically. Partial sources
+send from every holder, and the destination adds the contributions in source-rank order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from hpcomm.layout import Layout, split_at
+
+_I64 = np.int64
+
+
+@dataclass(frozen=True, eq=False)
+class Segments:
+    """Row runs of one local tensor with a column window each: arrays of equal length (int64).
+    ``row``/``num_rows`` index the local tensor's rows; ``col``/``num_cols`` are relative to the
+    rank's own column range."""
+
+    row: np.ndarray
+    num_rows: np.ndarray
+    col: np.ndarray
+    num_cols: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def units(self) -> int:
+        """Rows x columns moved (multiply by the middle dims' size for elements)."""
+        return int((self.num_rows * self.num_cols).sum())
+
+
+_EMPTY = Segments(*(np.zeros(0, _I64),) * 4)
+
+
+@dataclass(frozen=True, eq=False)
+class RankPlan:
+    """One rank's part of a plan.
+
+    sends / recvs: (peer, Segments) in peer order; the Segments of a message are in wire order.
+    local: (src Segments, dst Segments) pairs copied without a staging buffer.
+    order: with ``accumulate``, the contributions in the order they are added: a peer's rank, or
+    this rank for its local copy. zero_fill: the destination starts from zeros.
+    """
+
+    rank: int
+    in_rows: int
+    out_rows: int
+    in_cols: int  # width of the local source in column units (1 when not col_mode)
+    out_cols: int
+    sends: tuple[tuple[int, Segments], ...]
+    recvs: tuple[tuple[int, Segments], ...]
+    local: tuple[Segments, Segments]
+    accumulate: bool
+    zero_fill: bool
+    order: tuple[int, ...]
+
+    def transpose(self) -> RankPlan:
+        """The adjoint: every message reversed; each source element receives the sum of what was
+        read from it (contributions in rank order), unread elements get zero."""
+        peers = sorted({p for p, _ in self.sends} | ({self.rank} if len(self.local[0]) else set()))
+        return RankPlan(self.rank, self.out_rows, self.in_rows, self.out_cols, self.in_cols,
+                        sends=self.recvs, recvs=self.sends, local=(self.local[1], self.local[0]),
+                        accumulate=True, zero_fill=True, order=tuple(peers))
+
+    def stats(self) -> dict[str, int]:
+        """Row x column units sent, received and copied locally (wire traffic only counts sends)."""
+        return {"sent": sum(s.units() for _, s in self.sends),
+                "received": sum(s.units() for _, s in self.recvs),
+                "copied": self.local[0].units(),
+                "messages_out": len(self.sends), "messages_in": len(self.recvs)}
+
+
+class Plan:
+    """Moves X from layout ``src`` to layout ``dst``. Pure data; rank parts are built on demand.
+
+    fill_missing: destination rows no source holds become zeros instead of an error (used for
+    gradients, where a source row no destination read simply gets no gradient).
+    """
+
+    def __init__(self, src: Layout, dst: Layout, fill_missing: bool = False):
+        if not isinstance(src, Layout) or not isinstance(dst, Layout):
+            raise TypeError(f"src and dst must be Layouts, got {type(src).__name__} and "
+                            f"{type(dst).__name__}")
+        if src.num_rows != dst.num_rows:
+            raise ValueError(f"src has {src.num_rows} rows but dst has {dst.num_rows}")
+        if src.has_cols and dst.has_cols and src.num_cols != dst.num_cols:
+            raise ValueError(f"src has num_cols={src.num_cols} but dst has num_cols={dst.num_cols}")
+        if dst.partial:
+            raise ValueError("a destination layout cannot be partial (a transform delivers full rows)")
+        self.src, self.dst, self.fill_missing = src, dst, fill_missing
+        self.col_mode = src.has_cols or dst.has_cols
+        self.num_cols = (src.num_cols if src.has_cols else dst.num_cols) if self.col_mode else 1
+        if not fill_missing:
+            self._check_coverage()
+        self._choices: dict = {}
+
+    def _check_coverage(self) -> None:
+        cs, cl = self.src.covered_runs()
+        ds, dl = self.dst.covered_runs()
+        if len(ds) == 0:
+            return
+        bps = np.unique(np.concatenate([cs, cs + cl, [0, self.src.num_rows]]))
+        _, ps, _, bins = split_at(ds, ds + dl, bps)
+        inside = np.zeros(len(bps), bool)
+        inside[np.searchsorted(bps, cs)] = True
+        bad = ~inside[bins]
+        if bad.any():
+            row = int(ps[bad][0])
+            holders = [r for r in self.dst.ranks if row in set(self.dst.rows(r).tolist())]
+            raise ValueError(f"destination row {row} (held by rank {holders[0]}) is held by no "
+                             f"source rank")
+
+    def cols_of(self, layout: Layout, pos: int) -> tuple[int, int]:
+        if not self.col_mode:
+            return (0, 1)
+        c = layout._cols[pos] if layout.has_cols else None
+        return c if c is not None else (0, self.num_cols)
+
+    def width(self, layout: Layout, rank: int) -> int:
+        """Local width in column units of ``rank`` in ``layout`` (0 if it holds nothing there)."""
+        if rank not in layout._rank_pos:
+            return self.num_cols if self.col_mode else 1
+        c0, c1 = self.cols_of(layout, layout.index(rank))
+        return c1 - c0
+
+    # -- the one rule both sides of every message apply --------------------------------------------
+
+    def choose(self, holders: tuple[int, ...], dst_pos: int) -> tuple[tuple[int, int, int], ...]:
+        """Who supplies which columns of a row whose source holders (positions in src.ranks) are
+        ``holders`` to destination position ``dst_pos``: ((holder, c0, c1), ...), in the order the
+        contributions are applied. Missing columns raise, or are left out with fill_missing."""
+        key = (holders, dst_pos)
+        hit = self._choices.get(key)
+        if hit is not None:
+            return hit
+        want0, want1 = self.cols_of(self.dst, dst_pos)
+        me = self.src._rank_pos.get(self.dst.ranks[dst_pos])
+        hcols = {h: self.cols_of(self.src, h) for h in holders}
+        cuts = sorted({want0, want1} | {c for h in holders for c in hcols[h] if want0 < c < want1})
+        out: list[tuple[int, int, int]] = []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            covering = [h for h in holders if hcols[h][0] <= a and hcols[h][1] >= b]
+            if not covering:
+                if self.fill_missing:
+                    continue
+                raise ValueError(f"columns [{a}, {b}) of a row of destination rank "
+                                 f"{self.dst.ranks[dst_pos]} are held by no source rank")
+            if self.src.partial:
+                out.extend((h, a, b) for h in covering)
+            else:
+                h = me if me in covering else covering[dst_pos % len(covering)]
+                out.append((h, a, b))
+        # fuse adjacent windows of one holder, then order contributions by holder (rank order)
+        out.sort(key=lambda t: (t[0], t[1]))
+        fused: list[tuple[int, int, int]] = []
+        for h, a, b in out:
+            if fused and fused[-1][0] == h and fused[-1][2] == a:
+                fused[-1] = (h, fused[-1][1], b)
+            else:
+                fused.append((h, a, b))
+        result = tuple(fused)
+        self._choices[key] = result
+        return result
+
+    # -- per-rank plan ------------------------------------------------------------------------------
+
+    def rank_plan(self, rank: int) -> RankPlan:
+        return _rank_plan(self, rank)
+
+    def _build(self, rank: int) -> RankPlan:
+        src, dst = self.src, self.dst
+        in_src, in_dst = rank in src._rank_pos, rank in dst._rank_pos
+        recvs, local_pairs, zero_fill = self._receiver(rank) if in_dst else ({}, [], False)
+        sends = self._sender(rank) if in_src else {}
+        in_rows, out_rows = src.local_num_rows(rank), dst.local_num_rows(rank)
+        local = _local_segments(local_pairs)
+        order: tuple[int, ...] = ()
+        if src.partial and in_dst:
+            contributors = set(recvs) | ({rank} if len(local[0]) else set())
+            order = tuple(r for r in src.ranks if r in contributors)
+        return RankPlan(rank, in_rows, out_rows, self.width(src, rank), self.width(dst, rank),
+                        sends=tuple(sorted(sends.items())), recvs=tuple(sorted(recvs.items())),
+                        local=local, accumulate=src.partial, zero_fill=zero_fill or src.partial,
+                        order=order)
+
+    def _receiver(self, rank: int):
+        """What ``rank`` receives (per peer, wire order) and copies locally, as destination."""
+        src, dst = self.src, self.dst
+        index = src.holder_index
+        dpos = dst.index(rank)
+        dc0 = self.cols_of(dst, dpos)[0]
+        starts, lengths = dst.runs(rank)
+        local_off = np.cumsum(lengths) - lengths
+        ridx, ps, pe, bins = index.split(starts, starts + lengths)
+        dst_rows = local_off[ridx] + (ps - starts[ridx])
+        entries = self._expand(bins, lambda b: self.choose(index.holders_of(b), dpos))
+        piece, holder, c0, c1 = entries
+        dc1 = self.cols_of(dst, dpos)[1]
+        got = np.bincount(piece, (pe[piece] - ps[piece]) * (c1 - c0), len(ps))
+        short = got < (pe - ps) * (dc1 - dc0)
+        if short.any() and not self.fill_missing:
+            raise ValueError(f"destination row {int(ps[short][0])} of rank {rank} is held by no "
+                             f"source rank")
+        zero_fill = bool(short.any())
+        peers = np.asarray(src.ranks, _I64)[holder]
+        recvs = {}
+        local_pairs = []
+        for peer in np.unique(peers).tolist():
+            sel = np.flatnonzero(peers == peer)
+            p = piece[sel]
+            if peer == rank:
+                spos_c0 = self.cols_of(src, src.index(rank))[0]
+                src_rows = _local_rows(src.runs(rank), ps[p])
+                local_pairs.append((src_rows, dst_rows[p], pe[p] - ps[p], c0[sel] - spos_c0,
+                                    c0[sel] - dc0, c1[sel] - c0[sel], ps[p]))
+            else:
+                recvs[peer] = _wire_order(dst_rows[p], pe[p] - ps[p], c0[sel] - dc0,
+                                          c1[sel] - c0[sel], ps[p], c0[sel])
+        return recvs, local_pairs, zero_fill
+
+    def _sender(self, rank: int) -> dict[int, Segments]:
+        """What ``rank`` sends to each peer (wire order), as a source holder."""
+        src, dst = self.src, self.dst
+        spos = src.index(rank)
+        sc0 = self.cols_of(src, spos)[0]
+        starts, lengths = src.runs(rank)
+        local_off = np.cumsum(lengths) - lengths
+        sidx, s_ps, s_pe, s_bins = src.holder_index.split(starts, starts + lengths)
+        didx, ps, pe, d_bins = dst.holder_index.split(s_ps, s_pe)
+        src_bins = s_bins[didx]
+        src_rows = local_off[sidx[didx]] + (ps - starts[sidx[didx]])
+        dst_index = dst.holder_index
+        dst_ranks = np.asarray(dst.ranks, _I64)
+
+        def mine(pair):
+            sb, db = pair
+            holders = src.holder_index.holders_of(sb)
+            out = []
+            for d in dst_index.holders_of(db):
+                if dst.ranks[d] == rank:
+                    continue  # a local copy, planned by the receiving side of this rank
+                out.extend((d, a, b) for h, a, b in self.choose(holders, d) if h == spos)
+            return tuple(out)
+
+        keys = np.stack([src_bins, d_bins], 1) if len(ps) else np.zeros((0, 2), _I64)
+        piece, d, c0, c1 = self._expand_pairs(keys, mine)
+        peers = dst_ranks[d]
+        sends = {}
+        for peer in np.unique(peers).tolist():
+            sel = np.flatnonzero(peers == peer)
+            p = piece[sel]
+            sends[peer] = _wire_order(src_rows[p], pe[p] - ps[p], c0[sel] - sc0, c1[sel] - c0[sel],
+                                      ps[p], c0[sel])
+        return sends
+
+    @staticmethod
+    def _expand(keys: np.ndarray, fn):
+        """Evaluate ``fn`` once per distinct key and expand its (a, b, c) triples to every piece:
+        returns (piece index, a, b, c) arrays."""
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        results = [fn(int(k)) for k in uniq]
+        return _expand_results(results, inverse)
+
+    @staticmethod
+    def _expand_pairs(keys: np.ndarray, fn):
+        if len(keys) == 0:
+            return (np.zeros(0, _I64),) * 4
+        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        results = [fn((int(a), int(b))) for a, b in uniq]
+        return _expand_results(results, inverse.reshape(-1))
+
+
+def _expand_results(results, inverse):
+    counts = np.array([len(r) for r in results], _I64)
+    flat = np.array([t for r in results for t in r], _I64).reshape(-1, 3)
+    first = np.cumsum(counts) - counts
+    per_piece = counts[inverse]
+    piece = np.repeat(np.arange(len(inverse), dtype=_I64), per_piece)
+    offs = np.arange(len(piece), dtype=_I64) - np.repeat(np.cumsum(per_piece) - per_piece, per_piece)
+    rows = flat[first[inverse][piece] + offs] if len(piece) else np.zeros((0, 3), _I64)
+    return piece, rows[:, 0], rows[:, 1], rows[:, 2]
+
+
+def _local_rows(runs, global_rows: np.ndarray) -> np.ndarray:
+    """Local positions of global rows that lie inside ``runs`` (each query inside one run)."""
+    starts, lengths = runs
+    local_off = np.cumsum(lengths) - lengths
+    order = np.argsort(starts, kind="stable")
+    j = order[np.searchsorted(starts[order], global_rows, "right") - 1]
+    return local_off[j] + (global_rows - starts[j])
+
+
+def _fuse(order_keys, row, num_rows, col, num_cols, global_row):
+    """Sort segments by ``order_keys`` and fuse neighbours that continue each other both in the
+    local tensor and globally with the same window (the wire layout does not change)."""
+    o = np.lexsort(order_keys)
+    row, num_rows, col, num_cols, global_row = (a[o] for a in (row, num_rows, col, num_cols, global_row))
+    if len(row) < 2:
+        return row, num_rows, col, num_cols
+    cont = ((row[1:] == row[:-1] + num_rows[:-1]) & (global_row[1:] == global_row[:-1] + num_rows[:-1])
+            & (col[1:] == col[:-1]) & (num_cols[1:] == num_cols[:-1]))
+    heads = np.flatnonzero(np.concatenate([[True], ~cont]))
+    return row[heads], np.add.reduceat(num_rows, heads), col[heads], num_cols[heads]
+
+
+def _wire_order(row, num_rows, col, num_cols, global_row, global_col) -> Segments:
+    return Segments(*_fuse((global_row, global_col), row, num_rows, col, num_cols, global_row))
+
+
+def _local_segments(pairs) -> tuple[Segments, Segments]:
+    if not pairs:
+        return _EMPTY, _EMPTY
+    src_row, dst_row, n, scol, dcol, ncols, grow = (np.concatenate(a) for a in zip(*pairs))
+    # fuse on the source side and the destination side at once: both rows must continue
+    o = np.lexsort((grow, dcol))
+    src_row, dst_row, n, scol, dcol, ncols = (a[o] for a in (src_row, dst_row, n, scol, dcol, ncols))
+    if len(n) > 1:
+        cont = ((src_row[1:] == src_row[:-1] + n[:-1]) & (dst_row[1:] == dst_row[:-1] + n[:-1])
+                & (scol[1:] == scol[:-1]) & (dcol[1:] == dcol[:-1]) & (ncols[1:] == ncols[:-1]))
+        heads = np.flatnonzero(np.concatenate([[True], ~cont]))
+        src_row, dst_row, scol, dcol, ncols = (a[heads] for a in (src_row, dst_row, scol, dcol, ncols))
+        n = np.add.reduceat(n, heads)
+    return Segments(src_row, n, scol, ncols), Segments(dst_row, n, dcol, ncols)
+
+
+@lru_cache(maxsize=4096)
+def _rank_plan(plan: Plan, rank: int) -> RankPlan:
+    return plan._build(rank)
+
+
+@lru_cache(maxsize=256)
+def get_plan(src: Layout, dst: Layout, fill_missing: bool = False) -> Plan:
+    """The cached plan for a layout pair (layouts are hashable)."""
+    return Plan(src, dst, fill_missing)

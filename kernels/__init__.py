@@ -1,0 +1,1 @@
+"""Triton kernels (imported as hpcomm.triton_kernels)."""
