@@ -1,0 +1,196 @@
+"""Every available kernel backend against the reference (hpcomm.segments.copy_segments_reference).
+
+Results must be bitwise equal (the contract), so comparisons are on raw bytes and there is no
+tolerance: copies move bits, and accumulation rounds once per element exactly like torch's add_.
+NaN payloads are out of scope for accumulation only (copies move them untouched), so accumulate
+inputs are finite. Triton runs on CPU tensors under TRITON_INTERPRET=1, set per test.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hpcomm import segments
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+AVAILABLE = segments.backends()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int32, torch.int64,
+          torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]
+NO_ADD_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# The interpreter runs each Triton program in Python: keep its tables small.
+MAX_LINES = {"cpp": 100_000, "cuda": 100_000, "triton": 64}
+MAX_ELEMS = {"cpp": 1 << 18, "cuda": 1 << 18, "triton": 1 << 11}
+
+
+def _device(backend: str) -> torch.device:
+    return torch.device("cuda" if backend == "cuda" else "cpu")
+
+
+def _backend_params():
+    params = []
+    for name in ("cpp", "cuda", "triton"):
+        reason = None
+        if not AVAILABLE[name]:
+            reason = f"backend {name!r} not available in this build"
+        elif name == "cuda" and not torch.cuda.is_available():
+            reason = "no CUDA device"
+        params.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=reason or "")))
+    return params
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request, monkeypatch):
+    if request.param == "triton" and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return request.param
+
+
+def _fill(numel: int, dtype: torch.dtype, seed: int, finite: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, (numel,), generator=g, dtype=torch.bool)
+    if finite and dtype.is_floating_point:
+        return (torch.randn(numel, generator=g, dtype=torch.float64) * 100).to(dtype)
+    raw = torch.randint(-128, 128, (numel * dtype.itemsize,), generator=g, dtype=torch.int8)
+    return raw.view(dtype)
+
+
+@st.composite
+def segment_tables(draw, max_lines: int, max_elems: int):
+    """A table with non-overlapping destinations in random order, plus src/dst sizes."""
+    num_segments = draw(st.integers(0, 12))
+    segs, dst_cursor, src_needed, budget = [], draw(st.integers(0, 7)), 1, max_elems
+    for _ in range(num_segments):
+        line_len = draw(st.sampled_from([0, 1, 2, 3, 5, 8, 16, 17, 64, 250, 1024]))
+        lines_cap = max(1, min(max_lines, budget // max(1, line_len)))
+        num_lines = draw(st.one_of(st.integers(0, min(4, lines_cap)), st.integers(0, lines_cap)))
+        kind = draw(st.sampled_from(["run", "strided", "window", "broadcast"]))
+        if kind == "run":
+            src_stride = dst_stride = line_len
+        elif kind == "window":
+            src_stride = line_len + draw(st.integers(0, 9))
+            dst_stride = line_len + draw(st.integers(0, 9))
+        elif kind == "strided":
+            src_stride = draw(st.integers(0, 2 * line_len + 3))
+            dst_stride = line_len + draw(st.integers(0, 3))
+        else:
+            src_stride, dst_stride = 0, line_len
+        src_offset = draw(st.integers(0, 33))
+        segs.append([src_offset, dst_cursor, num_lines, line_len, src_stride, dst_stride])
+        if num_lines and line_len:
+            dst_cursor += (num_lines - 1) * dst_stride + line_len
+            src_needed = max(src_needed, src_offset + (num_lines - 1) * src_stride + line_len)
+            budget = max(0, budget - num_lines * line_len)
+        dst_cursor += draw(st.integers(0, 5))
+    order = draw(st.permutations(range(num_segments)))
+    table = torch.tensor([segs[i] for i in order], dtype=torch.int64).reshape(-1, 6)
+    return table, src_needed + draw(st.integers(0, 3)), dst_cursor + draw(st.integers(0, 3))
+
+
+def _check_against_reference(backend, dtype, table, src_numel, dst_numel, accumulate, seed):
+    device = _device(backend)
+    src = _fill(src_numel, dtype, seed, finite=accumulate)
+    dst = _fill(dst_numel, dtype, seed + 1, finite=accumulate)
+    expected = dst.clone()
+    segments.copy_segments_reference(src, expected, table, accumulate)
+    out = dst.to(device)
+    segments.copy_segments(src.to(device), out, table, accumulate, backend=backend)
+    assert torch.equal(out.cpu().view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("accumulate", [False, True], ids=["copy", "accumulate"])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), seed=st.integers(0, 2**31))
+def test_random_tables_match_reference(backend, dtype, accumulate, data, seed):
+    if accumulate and dtype in NO_ADD_DTYPES:
+        pytest.skip("float8 has no add; see test_float8_accumulate_raises")
+    table, src_numel, dst_numel = data.draw(segment_tables(MAX_LINES[backend], MAX_ELEMS[backend]))
+    _check_against_reference(backend, dtype, table, src_numel, dst_numel, accumulate, seed)
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["copy", "accumulate"])
+def test_empty_table_is_a_noop(backend, accumulate):
+    src, dst = torch.ones(4, device=_device(backend)), torch.zeros(4, device=_device(backend))
+    segments.copy_segments(src, dst, torch.empty(0, 6, dtype=torch.int64), accumulate, backend=backend)
+    assert not dst.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=str)
+def test_many_random_rows_and_big_runs(backend, dtype):
+    """Pack of unaligned random rows of 1 B to 3 KiB, mixed with runs bigger than a work item and a
+    column window, into a destination large enough for streaming stores: every splitting path."""
+    if backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("too large for the Triton interpreter")
+    g = torch.Generator().manual_seed(7)
+    row_elems = 3072 // dtype.itemsize
+    num_rows = 3000
+    lens = torch.randint(1, row_elems, (num_rows,), generator=g).tolist()
+    rows = torch.randperm(num_rows, generator=g).tolist()
+    segs, cursor = [], 0
+    for i, row in enumerate(rows):
+        segs.append([row * row_elems + (i % 3), cursor, 1, lens[i] - (i % 3 if lens[i] > 3 else 0), 0, 0])
+        cursor += segs[-1][3]
+    src_numel = num_rows * row_elems
+    big = (5 << 20) // dtype.itemsize
+    segs.append([5, cursor, 1, big, big, big])
+    cursor += big
+    segs.append([3, cursor, 40_000, 2, row_elems // 64, 3])
+    cursor += 40_000 * 3
+    dst_numel = max(cursor, (17 << 20) // dtype.itemsize)
+    table = torch.tensor(segs, dtype=torch.int64)
+    for accumulate in (False, True):
+        _check_against_reference(backend, dtype, table, src_numel, dst_numel, accumulate, seed=3)
+
+
+@pytest.mark.parametrize("dtype", NO_ADD_DTYPES, ids=str)
+def test_float8_accumulate_raises(backend, dtype):
+    device = _device(backend)
+    buf = torch.zeros(8, device=device).to(dtype)
+    table = torch.tensor([[0, 0, 1, 8, 8, 8]])
+    with pytest.raises(TypeError, match="accumulate"):
+        segments.copy_segments(buf, buf.clone(), table, True, backend=backend)
+
+
+@pytest.mark.parametrize("row, error", [([0, 0, 1, 9, 9, 9], IndexError), ([0, 4, 2, 4, 0, 4], IndexError),
+                                        ([0, 0, -1, 4, 4, 4], ValueError), ([-1, 0, 1, 1, 1, 1], ValueError)])
+def test_bad_table_raises(backend, row, error):
+    device = _device(backend)
+    with pytest.raises(error):
+        segments.copy_segments(torch.zeros(8, device=device), torch.zeros(8, device=device),
+                               torch.tensor([row]), backend=backend)
+
+
+def test_mismatched_dtypes_raise(backend):
+    device = _device(backend)
+    with pytest.raises(TypeError):
+        segments.copy_segments(torch.zeros(8, device=device), torch.zeros(8, device=device, dtype=torch.float64),
+                               torch.tensor([[0, 0, 1, 8, 8, 8]]), backend=backend)
+
+
+def test_compiled_backends_match_registry():
+    if not AVAILABLE["cpp"]:
+        pytest.skip("hpcomm._C not built")
+    from hpcomm import _C
+
+    assert set(_C.compiled_backends()) == {name for name in ("cpp", "cuda") if AVAILABLE[name]}
+    assert _C.is_cuda_compiled() == AVAILABLE["cuda"]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("cu_file", sorted((ROOT / "csrc" / "kernels").glob("*.cu")), ids=lambda p: p.name)
+def test_cuda_kernels_compile(cu_file, arch, tmp_path):
+    # The CI command verbatim, run in a copy of csrc so its object file lands outside the repo.
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    rel = cu_file.relative_to(ROOT).as_posix()
+    cmd = ["nvcc", "-std=c++17", f"-arch={arch}", "-Icsrc", "-Icsrc/include", "-c", rel]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
