@@ -1,53 +1,100 @@
-"""Transport: moves the per-peer slices of flat send buffers into flat receive buffers.
+"""Transport: moves each rank's per-peer messages.
 
 ``exchange`` issues one grouped send/recv (``batch_isend_irecv``: NCCL's grouped P2P on GPU, gloo
-on CPU) per call; ``simulate_exchange`` does the same for a whole simulated world in one process.
-Both take the buffers and splits that the engine produced from the plan, so the simulated and the
-distributed paths differ only here.
+on CPU) per call and returns a handle whose ``wait`` enforces a timeout; ``simulate_exchange`` does
+the same for a whole simulated world in one process; ``agree`` gathers one small fingerprint per
+participant to all participants (point to point, so ranks outside the transform need not take
+part). The engine hands both paths the same messages, so simulation differs only here.
 """
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
 from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
-Splits = Sequence[tuple[int, int, int]]  # (peer, offset, numel)
+Messages = Sequence[tuple[int, torch.Tensor]]  # (peer global rank, contiguous 1-D tensor)
+
+
+class TransformError(RuntimeError):
+    """A distributed transform failed: a peer did not arrive in time, died, or disagreed."""
+
+
+def default_timeout(group=None) -> float:
+    """The process group's own timeout in seconds (what its collectives would wait)."""
+    try:
+        pg = group or dist.group.WORLD
+        backend = pg._get_backend(torch.device("cpu") if dist.get_backend(pg) == "gloo"
+                                  else torch.device("cuda"))
+        return backend.options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):
+        return dist.default_pg_timeout.total_seconds()
 
 
 class Handle:
-    """Outstanding transfers of one exchange; ``wait`` blocks until all of them are done."""
+    """Outstanding transfers of one exchange; ``wait`` blocks until all are done, or raises
+    TransformError naming the peers still outstanding once ``timeout`` seconds have passed."""
 
-    def __init__(self, works: list):
-        self._works = works
+    def __init__(self, works: list, peers: list[tuple[str, int]], timeout: float, what: str):
+        self._works, self._peers, self._timeout, self._what = works, peers, timeout, what
 
     def wait(self) -> None:
-        for work in self._works:
-            work.wait()
+        deadline = time.monotonic() + self._timeout
+        for i, work in enumerate(self._works):
+            remaining = max(deadline - time.monotonic(), 0.001)
+            try:
+                work.wait(timedelta(seconds=remaining))
+            except RuntimeError as e:
+                # the batch is posted as a whole: what did not complete is still outstanding
+                pending = [f"{kind} {peer}" for w, (kind, peer) in zip(self._works[i:], self._peers[i:])
+                           if not w.is_completed()] or [f"{self._peers[i][0]} {self._peers[i][1]}"]
+                raise TransformError(
+                    f"rank {dist.get_rank()}: {self._what} did not complete within "
+                    f"{self._timeout:g} s; still waiting on {', '.join(pending)} ({e})") from None
         self._works = []
 
 
-def exchange(send_buf: torch.Tensor, sends: Splits, recv_buf: torch.Tensor, recvs: Splits,
-             group=None) -> Handle:
-    """Post every send and receive of this rank as one group; peers are global ranks."""
-    ops = [dist.P2POp(dist.isend, send_buf[off:off + n], peer, group) for peer, off, n in sends]
-    ops += [dist.P2POp(dist.irecv, recv_buf[off:off + n], peer, group) for peer, off, n in recvs]
-    return Handle(dist.batch_isend_irecv(ops) if ops else [])
+def exchange(sends: Messages, recvs: Messages, group=None, timeout: float | None = None,
+             what: str = "transform") -> Handle:
+    """Post every send and receive of this rank as one group (peers are global ranks)."""
+    ops = [dist.P2POp(dist.isend, t, peer, group) for peer, t in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer, group) for peer, t in recvs]
+    peers = [("send to", p) for p, _ in sends] + [("receive from", p) for p, _ in recvs]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    return Handle(works, peers, default_timeout(group) if timeout is None else timeout, what)
 
 
-def simulate_exchange(sends: Mapping[int, tuple[torch.Tensor, Splits]],
-                      recvs: Mapping[int, tuple[torch.Tensor, Splits]]) -> None:
-    """In-process transport: every receive slice is filled from its matching send slice."""
-    posted = {(rank, peer): (buf, off, n) for rank, (buf, splits) in sends.items()
-              for peer, off, n in splits}
-    for rank, (buf, splits) in recvs.items():
-        for peer, off, n in splits:
-            src_buf, src_off, src_n = posted.pop((peer, rank))
-            if src_n != n:
-                raise RuntimeError(f"plan mismatch: rank {peer} sends {src_n} elements to rank {rank}, "
-                                   f"which expects {n}")
-            buf[off:off + n].copy_(src_buf[src_off:src_off + n])
+def simulate_exchange(sends: Mapping[int, Messages], recvs: Mapping[int, Messages]) -> None:
+    """In-process transport: every posted receive is filled from its matching send."""
+    posted = {(rank, peer): t for rank, msgs in sends.items() for peer, t in msgs}
+    for rank, msgs in recvs.items():
+        for peer, t in msgs:
+            src = posted.pop((peer, rank))
+            if src.numel() != t.numel():
+                raise TransformError(f"plan mismatch: rank {peer} sends {src.numel()} elements to "
+                                     f"rank {rank}, which expects {t.numel()}")
+            t.copy_(src)
     if posted:
         (rank, peer), _ = next(iter(posted.items()))
-        raise RuntimeError(f"plan mismatch: rank {rank} sends to rank {peer}, which expects nothing")
+        raise TransformError(f"plan mismatch: rank {rank} sends to rank {peer}, which expects nothing")
+
+
+def agree(fingerprint: torch.Tensor, participants: Sequence[int], group=None,
+          timeout: float | None = None) -> torch.Tensor:
+    """All participants' int64 fingerprints, [len(participants), k], on every participant: each
+    sends its own to the first participant, which sends the stacked result back to all."""
+    rank = dist.get_rank()
+    leader = participants[0]
+    table = torch.empty(len(participants), fingerprint.numel(), dtype=torch.int64)
+    if rank == leader:
+        others = [(p, table[i]) for i, p in enumerate(participants) if p != rank]
+        table[participants.index(rank)] = fingerprint
+        exchange([], others, group, timeout, "validation").wait()
+        exchange([(p, table.view(-1)) for p, _ in others], [], group, timeout, "validation").wait()
+    else:
+        exchange([(leader, fingerprint.contiguous())], [], group, timeout, "validation").wait()
+        exchange([], [(leader, table.view(-1))], group, timeout, "validation").wait()
+    return table

@@ -1,9 +1,13 @@
 """Execution of one rank's plan: segment tables for a concrete tensor geometry, pack, unpack and
-local copy through a kernel backend. The transport (who moves the buffers) is the caller's.
+local copy through a kernel backend. The transport (who moves the messages) is the caller's.
 
 Geometry: a local tensor is viewed as ``[rows, outer, width]`` column units. Without column
 splitting a column unit is the whole row (``outer`` = elements per row, ``width`` = 1); with it,
 ``outer`` is the product of the middle dims and ``width`` the local size of the last dim.
+
+Zero-copy: a message that is one contiguous block of the source is sent as a view of it, and one
+that lands as one contiguous block of the destination (when nothing accumulates) is received
+straight into it; only the other messages go through the pooled pack / receive buffers.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from hpcomm.layout import split_at
 from hpcomm.plan import RankPlan, Segments
 from hpcomm.segments import copy_segments
 
 _I64 = np.int64
+_NO_TABLE = np.zeros((0, 6), _I64)
 
 
 def _blocks(seg: Segments, outer: int, width: int, collapse: np.ndarray):
@@ -31,75 +37,106 @@ def _blocks(seg: Segments, outer: int, width: int, collapse: np.ndarray):
     return offset, lines, line_len, stride
 
 
-def _table(src_off, dst_off, lines, line_len, src_stride, dst_stride) -> torch.Tensor:
-    cols = np.stack([src_off, dst_off, lines, line_len, src_stride, dst_stride], 1).astype(_I64)
-    return torch.from_numpy(cols.reshape(-1, 6))
+def _remap(seg: Segments, row_map):
+    """Send local rows through ``row_map`` (runs (starts, lengths) of the real rows, in local
+    order): the mapped segments, and for each piece its segment index and first row within it."""
+    starts, lengths = row_map
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(_I64)
+    idx, ps, pe, bins = split_at(seg.row, seg.row + seg.num_rows, bounds)
+    mapped = Segments(starts[bins] + (ps - bounds[bins]), pe - ps, seg.col[idx], seg.num_cols[idx])
+    return mapped, idx, ps - seg.row[idx]
 
 
-def _dense(lines, line_len, start: int):
-    """Offsets of blocks laid back to back in a buffer, from ``start``; returns (offsets, end)."""
-    sizes = lines * line_len
-    offs = start + np.cumsum(sizes) - sizes
-    return offs, start + int(sizes.sum())
+@dataclass(frozen=True, eq=False)
+class Message:
+    """One peer's message: its size, its segment table against the local tensor (buffer column
+    relative to the message start), and, when zero-copy applies, its element offset in the tensor."""
+
+    peer: int
+    numel: int
+    table: np.ndarray
+    view_offset: int | None
 
 
-def _buffer_tables(messages, outer: int, width: int, tensor_is_src: bool):
-    """One table per message between a local tensor and a flat buffer holding all messages back to
-    back; returns ([(peer, offset, numel, table)], total numel)."""
-    out, pos = [], 0
-    for peer, seg in messages:
-        collapse = seg.num_cols == width
-        t_off, lines, line_len, t_stride = _blocks(seg, outer, width, collapse)
-        b_off, end = _dense(lines, line_len, pos)
-        table = (_table(t_off, b_off, lines, line_len, t_stride, line_len) if tensor_is_src else
-                 _table(b_off, t_off, lines, line_len, line_len, t_stride))
-        out.append((peer, pos, end - pos, table))
-        pos = end
-    return out, pos
+def _message(seg: Segments, outer: int, width: int, tensor_is_src: bool, row_map, direct_ok: bool):
+    per_row = outer * seg.num_cols
+    sizes = seg.num_rows * per_row
+    buf_off = np.cumsum(sizes) - sizes
+    numel = int(sizes.sum())
+    if row_map is not None:
+        seg, idx, shift = _remap(seg, row_map)
+        buf_off = buf_off[idx] + shift * per_row[idx]
+    collapse = seg.num_cols == width
+    t_off, lines, line_len, t_stride = _blocks(seg, outer, width, collapse)
+    if tensor_is_src:
+        table = np.stack([t_off, buf_off, lines, line_len, t_stride, line_len], 1)
+    else:
+        table = np.stack([buf_off, t_off, lines, line_len, line_len, t_stride], 1)
+    contiguous = len(table) == 1 and (lines[0] == 1 or t_stride[0] == line_len[0])
+    return numel, table.astype(_I64).reshape(-1, 6), int(t_off[0]) if direct_ok and contiguous else None
 
 
 @dataclass(frozen=True, eq=False)
 class Exec:
-    """A rank plan made concrete for one geometry: buffer sizes, per-peer buffer slices and
-    segment tables (int64, CPU)."""
+    """A rank plan made concrete for one geometry (and optionally a destination row map)."""
 
     plan: RankPlan
-    outer: int
-    send: tuple  # ((peer, offset, numel, pack table), ...)
-    recv: tuple  # ((peer, offset, numel, unpack table), ...)
-    send_numel: int
-    recv_numel: int
+    sends: tuple[Message, ...]
+    recvs: tuple[Message, ...]
+    send_numel: int  # pack buffer: messages that are not views, back to back
+    recv_numel: int  # receive buffer: messages not received in place
     pack_table: torch.Tensor
-    local_table: torch.Tensor
-    steps: tuple  # ((table, from_recv_buffer), ...) in application order
+    steps: tuple[tuple[torch.Tensor, bool], ...]  # (table, reads the receive buffer), in order
+    identity: bool  # the local copy is the whole tensor, in place: nothing to do at all
 
-    @property
-    def send_splits(self):
-        return [(p, o, n) for p, o, n, _ in self.send]
 
-    @property
-    def recv_splits(self):
-        return [(p, o, n) for p, o, n, _ in self.recv]
+def _rebase(messages, column: int):
+    """Offsets of buffered messages back to back, and their tables shifted there."""
+    offsets, tables, pos = {}, {}, 0
+    for m in messages:
+        if m.view_offset is None:
+            table = m.table.copy()
+            table[:, column] += pos
+            offsets[m.peer], tables[m.peer] = pos, table
+            pos += m.numel
+    return offsets, tables, pos
 
 
 @lru_cache(maxsize=1024)
-def materialize(plan: RankPlan, outer: int, w_in: int, w_out: int) -> Exec:
-    send, send_numel = _buffer_tables(plan.sends, outer, w_in, tensor_is_src=True)
-    recv, recv_numel = _buffer_tables(plan.recvs, outer, w_out, tensor_is_src=False)
+def materialize(plan: RankPlan, outer: int, w_in: int, w_out: int, row_map=None,
+                zero_copy: bool = True) -> Exec:
+    """row_map: runs (tuple of starts, tuple of lengths) of the output rows that the destination
+    shard's local rows land on (``out_rows``), or None for an output of exactly the shard."""
+    rmap = None if row_map is None else (np.asarray(row_map[0], _I64), np.asarray(row_map[1], _I64))
+    sends = tuple(Message(p, *_message(s, outer, w_in, True, None, zero_copy))
+                  for p, s in plan.sends)
+    recvs = tuple(Message(p, *_message(s, outer, w_out, False, rmap, zero_copy and not plan.accumulate))
+                  for p, s in plan.recvs)
+    _, pack_tables, send_numel = _rebase(sends, 1)
+    recv_offsets, unpack_tables, recv_numel = _rebase(recvs, 0)
     src, dst = plan.local
+    if rmap is not None:
+        dst, idx, shift = _remap(dst, rmap)
+        src = Segments(src.row[idx] + shift, dst.num_rows, src.col[idx], src.num_cols[idx])
     collapse = (src.num_cols == w_in) & (dst.num_cols == w_out)
     s_off, lines, line_len, s_stride = _blocks(src, outer, w_in, collapse)
     d_off, _, _, d_stride = _blocks(dst, outer, w_out, collapse)
-    local_table = _table(s_off, d_off, lines, line_len, s_stride, d_stride)
-    pack_table = torch.cat([t for *_, t in send] + [torch.zeros(0, 6, dtype=torch.int64)])
+    local = np.stack([s_off, d_off, lines, line_len, s_stride, d_stride], 1).astype(_I64).reshape(-1, 6)
+    identity = (not plan.sends and not plan.recvs and plan.in_rows == plan.out_rows
+                and w_in == w_out and len(local) == 1 and local[0, 0] == local[0, 1] == 0
+                and local[0, 2] * local[0, 3] == plan.in_rows * outer * w_in and rmap is None
+                and not plan.zero_fill)
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     if plan.accumulate:
-        by_peer = {p: t for p, _, _, t in recv}
-        steps = tuple((local_table, False) if r == plan.rank else (by_peer[r], True) for r in plan.order)
+        steps = tuple((as_tensor(local), False) if r == plan.rank else
+                      (as_tensor(unpack_tables.get(r, _NO_TABLE)), True) for r in plan.order)
     else:
-        merged = torch.cat([t for *_, t in recv] + [torch.zeros(0, 6, dtype=torch.int64)])
-        steps = ((local_table, False), (merged, True))
-    return Exec(plan, outer, tuple(send), tuple(recv), send_numel, recv_numel, pack_table,
-                local_table, steps)
+        merged = np.concatenate([unpack_tables[m.peer] for m in recvs if m.peer in unpack_tables]
+                                + [_NO_TABLE])
+        steps = ((as_tensor(local), False), (as_tensor(merged), True))
+    pack_table = np.concatenate([pack_tables[m.peer] for m in sends if m.peer in pack_tables] + [_NO_TABLE])
+    return Exec(plan, sends, recvs, send_numel, recv_numel, as_tensor(pack_table),
+                tuple(s for s in steps if len(s[0])), identity)
 
 
 class DeviceTables:
@@ -122,22 +159,54 @@ class DeviceTables:
 _device_tables = DeviceTables()
 
 
-def pack(exe: Exec, x_flat: torch.Tensor, backend: str, send_buf: torch.Tensor | None = None) -> torch.Tensor:
-    """Gather every outgoing message of this rank into one flat send buffer."""
-    if send_buf is None:
-        send_buf = x_flat.new_empty(exe.send_numel)
-    if exe.send_numel:
-        copy_segments(x_flat, send_buf, _device_tables.get(exe.pack_table, x_flat.device), False, backend)
-    return send_buf
+class BufferPool:
+    """Reuses pack / receive buffers across calls: a buffer is handed out again only after the
+    call that took it has given it back (an async call still in flight keeps its own)."""
+
+    def __init__(self):
+        self._free: dict = {}
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        bucket = self._free.get((numel, dtype, device))
+        return bucket.pop() if bucket else torch.empty(numel, dtype=dtype, device=device)
+
+    def give(self, buf: torch.Tensor) -> None:
+        bucket = self._free.setdefault((buf.numel(), buf.dtype, buf.device), [])
+        if len(bucket) < 2:
+            bucket.append(buf)
 
 
-def unpack(exe: Exec, x_flat: torch.Tensor, recv_buf: torch.Tensor, out_flat: torch.Tensor,
-           backend: str) -> torch.Tensor:
-    """Local copies and received messages into the destination, in the plan's order."""
+def _apply(src, dst, table, accumulate, backend):
+    copy_segments(src, dst, _device_tables.get(table, dst.device), accumulate, backend)
+
+
+def post_messages(exe: Exec, x_flat: torch.Tensor, out_flat: torch.Tensor, send_buf: torch.Tensor,
+                  recv_buf: torch.Tensor, backend: str):
+    """Zero-fill the destination if the plan adds into it, pack what is not sent as a view, and
+    return the (peer, tensor) lists to send and to receive into."""
     if exe.plan.zero_fill:
         out_flat.zero_()
+    if len(exe.pack_table):
+        _apply(x_flat, send_buf, exe.pack_table, False, backend)
+    sends, pos = [], 0
+    for m in exe.sends:
+        if m.view_offset is not None:
+            sends.append((m.peer, x_flat[m.view_offset:m.view_offset + m.numel]))
+        else:
+            sends.append((m.peer, send_buf[pos:pos + m.numel]))
+            pos += m.numel
+    recvs, pos = [], 0
+    for m in exe.recvs:
+        if m.view_offset is not None:
+            recvs.append((m.peer, out_flat[m.view_offset:m.view_offset + m.numel]))
+        else:
+            recvs.append((m.peer, recv_buf[pos:pos + m.numel]))
+            pos += m.numel
+    return sends, recvs
+
+
+def finish(exe: Exec, x_flat: torch.Tensor, recv_buf: torch.Tensor, out_flat: torch.Tensor,
+           backend: str) -> None:
+    """Local copies and buffered messages into the destination, in the plan's order."""
     for table, from_recv in exe.steps:
-        if len(table):
-            copy_segments(recv_buf if from_recv else x_flat, out_flat,
-                          _device_tables.get(table, out_flat.device), exe.plan.accumulate, backend)
-    return out_flat
+        _apply(recv_buf if from_recv else x_flat, out_flat, table, exe.plan.accumulate, backend)

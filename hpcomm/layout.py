@@ -10,6 +10,7 @@ Chunking follows ``torch.tensor_split``: n items in k parts gives the first ``n 
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import numbers
 from functools import cached_property
@@ -179,6 +180,18 @@ class Layout:
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Layout) and self._hash == other._hash and self._key == other._key
+
+    def fingerprint(self) -> int:
+        """A digest of the layout that is equal across processes (``hash`` of strings is salted per
+        process), used to check that ranks run the same transform."""
+        def stable(v):
+            if isinstance(v, Layout):
+                return ("Layout", stable(v._key))
+            if isinstance(v, tuple):
+                return tuple(stable(e) for e in v)
+            return v
+        digest = hashlib.blake2b(repr(stable(self._key)).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
     def __setattr__(self, name, value):
         if hasattr(self, "_hash"):

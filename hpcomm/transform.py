@@ -3,51 +3,91 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+import os
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from hpcomm import comm, engine, ops
-from hpcomm.layout import Layout
+from hpcomm.layout import Layout, runs_from_rows
 from hpcomm.plan import Plan, RankPlan, get_plan
 from hpcomm.segments import resolve_backend
 
 GRAD_MODES = ("sum", "mean", "adjoint")
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
+           torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128]
+_DEVICE_TYPES = ["cpu", "cuda", "meta", "xpu", "mps"]
+
+
+@dataclass
+class _Job:
+    """One rank's transform in flight: buffers, posted messages, and where the result goes."""
+
+    exe: engine.Exec
+    x_flat: torch.Tensor
+    out: torch.Tensor
+    backend: str
+    send_buf: torch.Tensor
+    recv_buf: torch.Tensor
+    sends: list
+    recvs: list
+    wire_recvs: list  # (wire tensor, destination view) pairs when a wire dtype casts on arrival
 
 
 class Transform:
     """Moves a tensor from layout ``src`` to layout ``dst``; its gradient goes back.
 
-    Call ``t(x)`` on every rank of ``src`` or ``dst`` with the rank's local shard ``x`` (zero rows,
-    with the dtype and the full logical trailing shape, on destination-only ranks); it returns the
-    rank's destination shard (zero rows on source-only ranks). Backward is collective like forward.
+    Call ``t(x)`` on every rank of ``src`` or ``dst`` with the rank's local shard ``x``
+    ``[rows, *trailing]`` (zero rows, with the dtype and the full logical trailing shape, on
+    destination-only ranks); it returns the rank's destination shard ``[dst rows, *trailing]``
+    (zero rows on source-only ranks; the last dim is the rank's column range when the layouts
+    split columns). Backward is collective like forward.
 
     grad: how gradients flow back.
       - "sum" (default): a destination row held by several ranks contributes the sum of their
         gradients; every source replica receives the row's full gradient; every holder of a partial
         source receives the full gradient.
-      - "mean": as "sum", but a row's destination gradients are averaged over the ranks holding
-        that element (for replicas that all compute the same gradient, e.g. after a TP all-reduce).
+      - "mean": as "sum", but an element's destination gradients are averaged over the ranks
+        holding it (for replicas that all compute the same gradient, e.g. after a TP all-reduce).
       - "adjoint": the exact transpose of forward: only the source replica a destination read
         from receives that gradient (the others get zero), so <T x, y> = <x, T^T y>.
-    backend: "auto" | "torch" | "cpp" | "cuda" | "triton" (kernels for pack/unpack/local copy).
+    backend: "auto" | "torch" | "cpp" | "cuda" | "triton": the pack/unpack/local-copy kernels.
     group: the process group carrying the transfer (default: the world); it must contain every
-    rank of src and dst. Ranks are global ranks.
+      rank of src and dst. Ranks are global ranks.
+    wire_dtype: dtype on the wire (e.g. torch.bfloat16 for fp32 activations); received rows are
+      cast back, rows copied locally keep full precision.
+    validate: before each call, participants exchange a fingerprint (layouts, direction, dtype,
+      trailing shape, device type, local-input check) and every rank raises the same error if they
+      disagree. Default: off, unless the environment sets HPCOMM_VALIDATE=1.
+    timeout: seconds a call waits for its peers before raising on this rank (default: the process
+      group's timeout).
+    zero_copy: send contiguous messages as views and receive in place (on by default).
     """
 
-    def __init__(self, src: Layout, dst: Layout, group=None, backend: str = "auto", grad: str = "sum"):
+    def __init__(self, src: Layout, dst: Layout, group=None, backend: str = "auto", grad: str = "sum",
+                 wire_dtype: torch.dtype | None = None, validate: bool | None = None,
+                 timeout: float | None = None, zero_copy: bool = True):
         if grad not in GRAD_MODES:
             raise ValueError(f"unknown grad mode {grad!r}; expected one of {', '.join(GRAD_MODES)}")
         if backend not in ("auto", "torch", "cpp", "cuda", "triton"):
             raise ValueError(f"unknown backend {backend!r}; expected auto, torch, cpp, cuda or triton")
+        if wire_dtype is not None and not isinstance(wire_dtype, torch.dtype):
+            raise TypeError(f"wire_dtype must be a torch.dtype, got {wire_dtype!r}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.src, self.dst, self.group, self.backend, self.grad = src, dst, group, backend, grad
+        self.wire_dtype, self.timeout, self.zero_copy = wire_dtype, timeout, zero_copy
+        self.validate = os.environ.get("HPCOMM_VALIDATE") == "1" if validate is None else validate
         self.plan = get_plan(src, dst)
         self._grad_plan = None if grad == "adjoint" else get_plan(dst.as_partial(), src.as_partial(False),
                                                                   fill_missing=True)
         self.ranks = tuple(dict.fromkeys(src.ranks + dst.ranks))
         self._anchor = torch.zeros(0, requires_grad=True)
+        self._pool = engine.BufferPool()
+        self._fingerprint: int | None = None
         self._handle = ops.register_transform(self)
 
     def __repr__(self) -> str:
@@ -55,26 +95,63 @@ class Transform:
 
     # -- user API -----------------------------------------------------------------------------------
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x, self._rank(), backward=False)
+    def __call__(self, x: torch.Tensor, *, out: torch.Tensor | None = None,
+                 out_rows: torch.Tensor | Sequence[int] | None = None, async_op: bool = False):
+        """Forward on this rank. ``out``: a caller-given destination, either exactly the shard's
+        shape, or with ``out_rows`` (local row positions, one per destination row) a larger tensor
+        whose rows ``out_rows`` receive the shard; it is written in place and returned. With
+        ``async_op`` the call returns a handle at once; its ``wait()`` returns the result (compute
+        in between overlaps the transfer; do not modify ``x`` or ``out`` until then)."""
+        rank = self._rank()
+        error = self._local_error(x, rank, backward=False)
+        if error is None and out is not None:
+            error = self._out_error(x, rank, out, out_rows)
+        elif error is None and out_rows is not None:
+            error = ValueError(f"rank {rank}: out_rows needs out (the tensor the rows index)")
+        if self.validate:
+            self._agree(x, rank, backward=False, error=error)
+        if error is not None:
+            raise error
         anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
-        return ops.transform(x, anchor, self._handle)
+        if out is None and not async_op:
+            if self._materialize(x, rank, False).identity:
+                return _Alias.apply(x, anchor, self)
+            return ops.transform(x, anchor, self._handle)
+        job = self._start(x, rank, False, out, out_rows)
+        handle = comm.exchange(job.sends, job.recvs, self.group, self.timeout, "transform")
+        rows = None if out_rows is None else torch.as_tensor(out_rows, device=job.out.device)
 
-    def simulate(self, inputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        def wait() -> torch.Tensor:
+            handle.wait()
+            return _Into.apply(x, anchor, job.out, self, rows, lambda: self._complete(job))
+
+        return _Pending(wait) if async_op else wait()
+
+    def simulate(self, inputs: Mapping[int, torch.Tensor],
+                 out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """Forward for the whole world in one process: {rank: x} -> {rank: y}, every rank of src
-        and dst. Same plan and kernels as the distributed path; only the transport differs."""
-        return self._simulate(inputs, backward=False)
+        and dst (``out``: optional {rank: preallocated y}). Same plan and kernels as the
+        distributed path; only the transport differs."""
+        return self._simulate(inputs, backward=False, out=out)
 
     def simulate_backward(self, grads: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Backward for the whole world in one process: {rank: grad of y} -> {rank: grad of x}."""
         return self._simulate(grads, backward=True)
 
-    def stats(self, rank: int | None = None) -> dict:
-        """Row x column units sent, received and copied locally by ``rank`` (default: this rank)
-        in forward, from the plan (multiply by the elements per unit for element counts)."""
-        return self.plan.rank_plan(self._rank() if rank is None else rank).stats()
+    def stats(self, rank: int | None = None, like: torch.Tensor | None = None) -> dict:
+        """What ``rank`` (default: this rank) sends, receives and copies locally in forward, from
+        the plan: row x column units, and bytes when ``like`` (a tensor with the trailing shape and
+        dtype of the data, e.g. the input) is given."""
+        rank = self._rank() if rank is None else rank
+        stats = self.plan.rank_plan(rank).stats()
+        if like is not None:
+            trailing = like.shape[1:]
+            per_unit = math.prod(trailing[:-1]) if self.plan.col_mode else math.prod(trailing)
+            for key in ("sent", "received", "copied"):
+                stats[f"bytes_{key}"] = stats[key] * per_unit * like.element_size()
+        return stats
 
-    # -- internals ----------------------------------------------------------------------------------
+    # -- checks ---------------------------------------------------------------------------------------
 
     def _rank(self) -> int:
         if not dist.is_available() or not dist.is_initialized():
@@ -98,56 +175,168 @@ class Transform:
         trailing = tuple(x.shape[1:])
         if self.plan.col_mode:
             outer = math.prod(trailing[:-1])
-            out_shape = (plan.out_rows, *trailing[:-1], plan.out_cols)
-            return plan, outer, plan.in_cols, plan.out_cols, out_shape
+            return plan, outer, plan.in_cols, plan.out_cols, (plan.out_rows, *trailing[:-1], plan.out_cols)
         return plan, math.prod(trailing), 1, 1, (plan.out_rows, *trailing)
 
     def _output_shape(self, x: torch.Tensor, backward: bool):
         return self._geometry(x, self._rank(), backward)[4]
 
-    def _check(self, x, rank: int, backward: bool) -> None:
+    def _local_error(self, x, rank: int, backward: bool) -> Exception | None:
         what = "gradient" if backward else "input"
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"rank {rank}: {what} must be a torch.Tensor, got {type(x).__name__}")
+            return TypeError(f"rank {rank}: {what} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0:
-            raise ValueError(f"rank {rank}: {what} is a zero-dim tensor; it needs a row dim")
+            return ValueError(f"rank {rank}: {what} is a zero-dim tensor; it needs a row dim")
         plan = self._rank_plan(rank, backward)
         if x.shape[0] != plan.in_rows:
-            raise ValueError(f"rank {rank}: {what} has {x.shape[0]} rows, but the layout gives this "
-                             f"rank {plan.in_rows}")
+            return ValueError(f"rank {rank}: {what} has {x.shape[0]} rows, but the layout gives this "
+                              f"rank {plan.in_rows}")
         if self.plan.col_mode:
             if x.dim() < 2:
-                raise ValueError(f"rank {rank}: {what} of shape {tuple(x.shape)} has no column dim, "
-                                 f"but the layouts split columns")
+                return ValueError(f"rank {rank}: {what} of shape {tuple(x.shape)} has no column dim, "
+                                  f"but the layouts split columns")
             if x.shape[-1] != plan.in_cols:
-                raise ValueError(f"rank {rank}: {what} has last dim {x.shape[-1]}, but the layout "
-                                 f"gives this rank {plan.in_cols} columns")
+                return ValueError(f"rank {rank}: {what} has last dim {x.shape[-1]}, but the layout "
+                                  f"gives this rank {plan.in_cols} columns")
+        return None
 
-    def _run(self, x: torch.Tensor, rank: int, backward: bool, transport) -> torch.Tensor:
-        plan, outer, w_in, w_out, out_shape = self._geometry(x, rank, backward)
+    def _check(self, x, rank: int, backward: bool) -> None:
+        error = self._local_error(x, rank, backward)
+        if error is not None:
+            raise error
+
+    def _out_error(self, x, rank: int, out, out_rows) -> Exception | None:
+        shape = self._geometry(x, rank, False)[4]
+        if not isinstance(out, torch.Tensor):
+            return TypeError(f"rank {rank}: out must be a torch.Tensor, got {type(out).__name__}")
+        if out.dtype != x.dtype or out.device != x.device:
+            return ValueError(f"rank {rank}: out is {out.dtype} on {out.device}, input is {x.dtype} "
+                              f"on {x.device}")
+        if not out.is_contiguous():
+            return ValueError(f"rank {rank}: out must be contiguous")
+        if out_rows is None:
+            if tuple(out.shape) != shape:
+                return ValueError(f"rank {rank}: out has shape {tuple(out.shape)}, the destination "
+                                  f"shard is {shape}")
+            return None
+        if out.dim() == 0 or tuple(out.shape[1:]) != shape[1:]:
+            return ValueError(f"rank {rank}: out has trailing shape {tuple(out.shape[1:])}, the "
+                              f"destination shard's is {shape[1:]}")
+        rows = torch.as_tensor(out_rows)
+        if rows.dim() != 1 or rows.dtype.is_floating_point or rows.dtype == torch.bool:
+            return TypeError(f"rank {rank}: out_rows must be a 1-D integer tensor or sequence")
+        if rows.numel() != shape[0]:
+            return ValueError(f"rank {rank}: out_rows has {rows.numel()} entries, the destination "
+                              f"shard has {shape[0]} rows")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out.shape[0]):
+            bad = rows[(rows < 0) | (rows >= out.shape[0])][0]
+            return ValueError(f"rank {rank}: out_rows entry {int(bad)} is out of range [0, {out.shape[0]})")
+        if rows.unique().numel() != rows.numel():
+            return ValueError(f"rank {rank}: out_rows has a repeated row")
+        return None
+
+    def _agree(self, x, rank: int, backward: bool, error: Exception | None) -> None:
+        """Cross-rank validation: every participant raises the same error if any disagrees."""
+        if self._fingerprint is None:
+            self._fingerprint = (self.src.fingerprint() * 31 + self.dst.fingerprint()
+                                 + GRAD_MODES.index(self.grad)) & ((1 << 63) - 1)
+        ok = error is None
+        keep = -1 if self.plan.col_mode else None
+        fields = [self._fingerprint, int(backward), int(not ok)]
+        if ok:
+            fields += [_DTYPES.index(x.dtype) if x.dtype in _DTYPES else len(_DTYPES),
+                       _DEVICE_TYPES.index(x.device.type) if x.device.type in _DEVICE_TYPES else -1,
+                       len(x.shape[1:keep]), *list(x.shape[1:keep])[:8]]
+        fields += [-1] * (14 - len(fields))
+        table = comm.agree(torch.tensor(fields, dtype=torch.int64), self.ranks, self.group,
+                           self.timeout).tolist()
+        problems = []
+        ref = table[0]
+        for r, row in zip(self.ranks, table):
+            if row[0] != ref[0] or row[1] != ref[1]:
+                problems.append(f"rank {r} calls a different transform (or direction) than rank "
+                                f"{self.ranks[0]}")
+            elif row[2]:
+                problems.append(f"rank {r} failed its own input check")
+        good = [(r, row) for r, row in zip(self.ranks, table) if not row[2]]
+        for r, row in good[1:]:
+            r0, row0 = good[0]
+            if row[3] != row0[3]:
+                problems.append(f"rank {r} passes {_dtype_name(row[3])}, rank {r0} passes "
+                                f"{_dtype_name(row0[3])}")
+            if row[4] != row0[4]:
+                problems.append(f"rank {r} passes a {_DEVICE_TYPES[row[4]]} tensor, rank {r0} a "
+                                f"{_DEVICE_TYPES[row0[4]]} tensor")
+            if row[5:] != row0[5:]:
+                problems.append(f"rank {r} passes trailing dims {row[6:6 + row[5]]}, rank {r0} passes "
+                                f"{row0[6:6 + row0[5]]}")
+        if problems:
+            detail = f"rank {rank}: {error}" if error is not None else "; ".join(problems)
+            raise ValueError(f"hpcomm validation failed on rank {rank}: {detail}"
+                             + (f" (all problems: {'; '.join(problems)})" if error is not None else ""))
+
+    # -- execution ------------------------------------------------------------------------------------
+
+    def _materialize(self, x: torch.Tensor, rank: int, backward: bool, row_map=None) -> engine.Exec:
+        plan, outer, w_in, w_out, _ = self._geometry(x, rank, backward)
+        casts = self.wire_dtype is not None and self.wire_dtype != x.dtype
+        return engine.materialize(plan, outer, w_in, w_out, row_map, self.zero_copy and not casts)
+
+    def _start(self, x: torch.Tensor, rank: int, backward: bool, out=None, out_rows=None) -> _Job:
+        """Pack and lay out the messages of one call (nothing is sent yet)."""
+        out_shape = self._geometry(x, rank, backward)[4]
         if backward and self.grad == "mean":
             x = x * self._mean_scale(rank, x)
+        row_map = None
+        if out_rows is not None:
+            rows = np.asarray(torch.as_tensor(out_rows).cpu().numpy(), np.int64)
+            starts, lengths = runs_from_rows(rows)
+            row_map = (tuple(starts.tolist()), tuple(lengths.tolist()))
+        exe = self._materialize(x, rank, backward, row_map)
         x_flat = x.contiguous().view(-1)
-        exe = engine.materialize(plan, outer, w_in, w_out)
+        if out is None:
+            out = x_flat.new_empty(out_shape)
         backend = resolve_backend(self.backend, x.device)
-        send_buf = engine.pack(exe, x_flat, backend)
-        recv_buf = x_flat.new_empty(exe.recv_numel)
-        transport(exe, send_buf, recv_buf)
-        out = x_flat.new_empty(math.prod(out_shape))
-        return engine.unpack(exe, x_flat, recv_buf, out, backend).view(out_shape)
+        send_buf = self._pool.take(exe.send_numel, x.dtype, x.device)
+        recv_buf = self._pool.take(exe.recv_numel, x.dtype, x.device)
+        sends, recvs = engine.post_messages(exe, x_flat, out.view(-1), send_buf, recv_buf, backend)
+        wire_recvs = []
+        if self.wire_dtype is not None and self.wire_dtype != x.dtype:
+            sends = [(p, t.to(self.wire_dtype)) for p, t in sends]
+            wire_recvs = [(torch.empty(t.numel(), dtype=self.wire_dtype, device=t.device), t)
+                          for _, t in recvs]
+            recvs = [(p, w) for (p, _), (w, _) in zip(recvs, wire_recvs)]
+        return _Job(exe, x_flat, out, backend, send_buf, recv_buf, sends, recvs, wire_recvs)
+
+    def _complete(self, job: _Job) -> torch.Tensor:
+        for wire, view in job.wire_recvs:
+            view.copy_(wire)
+        engine.finish(job.exe, job.x_flat, job.recv_buf, job.out.view(-1), job.backend)
+        self._pool.give(job.send_buf)
+        self._pool.give(job.recv_buf)
+        return job.out
+
+    def _run(self, x: torch.Tensor, backward: bool) -> torch.Tensor:
+        rank = self._rank()
+        job = self._start(x, rank, backward)
+        comm.exchange(job.sends, job.recvs, self.group, self.timeout,
+                      "transform backward" if backward else "transform").wait()
+        return self._complete(job)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, self._rank(), False, self._dist_transport)
+        return self._run(x, backward=False)
 
     def _backward(self, grad: torch.Tensor) -> torch.Tensor:
         rank = self._rank()
-        self._check(grad, rank, backward=True)
-        return self._run(grad, rank, True, self._dist_transport)
+        error = self._local_error(grad, rank, backward=True)
+        if self.validate:
+            self._agree(grad, rank, backward=True, error=error)
+        if error is not None:
+            raise error
+        return self._run(grad, backward=True)
 
-    def _dist_transport(self, exe, send_buf, recv_buf) -> None:
-        comm.exchange(send_buf, exe.send_splits, recv_buf, exe.recv_splits, self.group).wait()
-
-    def _simulate(self, tensors: Mapping[int, torch.Tensor], backward: bool) -> dict[int, torch.Tensor]:
+    def _simulate(self, tensors: Mapping[int, torch.Tensor], backward: bool,
+                  out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         if not isinstance(tensors, Mapping):
             raise TypeError(f"simulate expects a dict {{rank: tensor}}, got {type(tensors).__name__}")
         missing = [r for r in self.ranks if r not in tensors]
@@ -157,25 +346,16 @@ class Transform:
                              f"{missing}, unexpected {extra}")
         for r in self.ranks:
             self._check(tensors[r], r, backward)
+            if out is not None:
+                error = self._out_error(tensors[r], r, out.get(r), None)
+                if error is not None:
+                    raise error
         self._check_agreement(tensors)
-        sends, recvs, pending = {}, {}, {}
-        for r in self.ranks:
-            x = tensors[r]
-            plan, outer, w_in, w_out, out_shape = self._geometry(x, r, backward)
-            if backward and self.grad == "mean":
-                x = x * self._mean_scale(r, x)
-            x_flat = x.contiguous().view(-1)
-            exe = engine.materialize(plan, outer, w_in, w_out)
-            backend = resolve_backend(self.backend, x.device)
-            sends[r] = (engine.pack(exe, x_flat, backend), exe.send_splits)
-            recvs[r] = (x_flat.new_empty(exe.recv_numel), exe.recv_splits)
-            pending[r] = (exe, x_flat, out_shape, backend)
-        comm.simulate_exchange(sends, recvs)
-        out = {}
-        for r, (exe, x_flat, out_shape, backend) in pending.items():
-            y = x_flat.new_empty(math.prod(out_shape))
-            out[r] = engine.unpack(exe, x_flat, recvs[r][0], y, backend).view(out_shape)
-        return out
+        jobs = {r: self._start(tensors[r], r, backward, None if out is None else out[r])
+                for r in self.ranks}
+        comm.simulate_exchange({r: j.sends for r, j in jobs.items()},
+                               {r: j.recvs for r, j in jobs.items()})
+        return {r: self._complete(j) for r, j in jobs.items()}
 
     def _check_agreement(self, tensors: Mapping[int, torch.Tensor]) -> None:
         """Dtype, device type and the trailing shape (but the split last dim) agree across ranks."""
@@ -203,6 +383,58 @@ class Transform:
         return scale.view(-1, *([1] * (grad.dim() - 1)))
 
 
+def _dtype_name(index: int) -> str:
+    return str(_DTYPES[index]) if 0 <= index < len(_DTYPES) else "another dtype"
+
+
+class _Pending:
+    """Handle of an ``async_op`` call: ``wait()`` finishes the transfer and returns the result."""
+
+    def __init__(self, wait):
+        self._wait, self._result = wait, None
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            self._result = self._wait()
+        return self._result
+
+
+class _Into(torch.autograd.Function):
+    """Autograd for results written into a caller's tensor (``out``, ``out_rows``, async): the
+    gradient of the written rows goes back through the transform; the rest of ``out``'s gradient
+    flows to whatever ``out`` was before (the overwritten rows get none)."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, out, transform, rows, produce):
+        produce()
+        ctx.mark_dirty(out)
+        ctx.transform, ctx.rows = transform, rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows = ctx.rows
+        grad_y = grad_out if rows is None else grad_out.index_select(0, rows)
+        grad_x = ops.transform_backward(grad_y.contiguous(), ctx.transform._handle)
+        grad_base = None if rows is None else grad_out.index_fill(0, rows, 0)
+        return grad_x, torch.zeros_like(ctx.transform._anchor), grad_base, None, None, None
+
+
+class _Alias(torch.autograd.Function):
+    """An identity transform on this rank: the result is the input itself (no copy), and the
+    gradient still takes the collective backward path (replicas may need each other's)."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, transform):
+        ctx.transform = transform
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = ops.transform_backward(grad.contiguous(), ctx.transform._handle)
+        return grad_x, torch.zeros_like(ctx.transform._anchor), None
+
+
 def _holder_counts(plan: Plan, rank: int) -> np.ndarray:
     """[local rows, local cols] (cols = 1 without column splits): how many destination ranks hold
     each element of ``rank``'s destination shard."""
@@ -211,8 +443,7 @@ def _holder_counts(plan: Plan, rank: int) -> np.ndarray:
         return np.zeros((0, plan.width(dst, rank)))
     index = dst.holder_index
     starts, lengths = dst.runs(rank)
-    pos = dst.index(rank)
-    c0, c1 = plan.cols_of(dst, pos)
+    c0, c1 = plan.cols_of(dst, dst.index(rank))
     local_off = np.cumsum(lengths) - lengths
     ridx, ps, pe, bins = index.split(starts, starts + lengths)
     counts = np.zeros((int(lengths.sum()), c1 - c0))
