@@ -208,29 +208,3 @@ def attn_context(rows_of, mesh: Mesh, seq_of_row: torch.Tensor, causal: bool) ->
     kv_parts = [torch.cat(cp_rows(r)) for r in mesh.cp_ranks]
     return AttnContext(packed_mask(q_rows, torch.cat(kv_parts), seq_of_row, causal),
                        sp_counts=[len(p) for p in sp_parts], cp_counts=[len(p) for p in kv_parts])
-
-
-def grid_rows(seq_lens: list[int], dims: ParallelDims, cp_mode: str) -> list[torch.Tensor]:
-    """Global rows (local order) of each mesh index, Megatron order; see Layout.grid."""
-    starts = torch.tensor([0] + seq_lens).cumsum(0).tolist()
-    seqs = list(range(len(seq_lens)))
-    out = []
-    for dp_part in _tensor_split_list(seqs, dims.dp):
-        for c in range(dims.cp):
-            rows = []
-            for s in dp_part:
-                seq = torch.arange(starts[s], starts[s + 1])
-                if cp_mode == "zigzag":
-                    chunks = seq.tensor_split(2 * dims.cp)
-                    rows += [chunks[c], chunks[2 * dims.cp - 1 - c]]
-                else:
-                    rows.append(seq.tensor_split(dims.cp)[c])
-            cp_local = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
-            out += list(cp_local.tensor_split(dims.tp))
-    return out
-
-
-def _tensor_split_list(items, parts):
-    q, r = divmod(len(items), parts)
-    bounds = [i * q + min(i, r) for i in range(parts + 1)]
-    return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]

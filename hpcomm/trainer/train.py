@@ -34,9 +34,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from .data import IGNORE, IMG, ManifestDataset, SyntheticDataset, micro_batches
+from hpcomm import Layout, Transform
+
+from .data import IGNORE, IMG, Batch, ManifestDataset, SyntheticDataset, micro_batches
 from .model import AttnContext, Config, MultimodalModel
-from .parallelize import Mesh, ParallelDims, attn_context, grid_rows, parallelize, reduce_grads
+from .parallelize import Mesh, ParallelDims, attn_context, parallelize, reduce_grads
 
 PARITY_TOLERANCE = 1e-4
 
@@ -68,6 +70,14 @@ class TrainConfig:
                                  f"must add up to the world size {world_size}")
             return list(range(enc)), list(range(enc, world_size))
         raise ValueError(f"unknown placement {self.placement!r} (colocated|noncolocated)")
+
+
+@dataclass
+class MicroBatch:
+    batch: Batch
+    enc_layout: Layout
+    llm_layout: Layout
+    boundary: Transform | None  # None in the single-process reference
 
 
 @dataclass
@@ -105,42 +115,55 @@ class Trainer:
 
     # ------------------------------------------------------------ per micro-batch pieces
 
-    def _encode(self, batch) -> torch.Tensor:
+    def _plan(self, batch: Batch) -> MicroBatch:
+        enc = Layout.grid(batch.patch_counts, **vars(self.enc_mesh.dims), cp_mode="contiguous",
+                          ranks=self.enc_mesh.ranks)
+        llm = Layout.grid(batch.seq_lens, **vars(self.llm_mesh.dims), cp_mode="zigzag",
+                          ranks=self.llm_mesh.ranks)
+        # Encoder rows are the image tokens in order of appearance: row i -> image_rows[i].
+        boundary = Transform(enc, llm.select(batch.image_rows)) if self.world_size > 1 else None
+        return MicroBatch(batch, enc, llm, boundary)
+
+    def _encode(self, mb: MicroBatch) -> torch.Tensor:
         """Encoder output rows of this rank (zero rows on LLM-only ranks)."""
         if self.encoder is None:
             return torch.zeros(0, self.cfg.model.llm_dim, device=self.device)
-        mesh = self.enc_mesh
+        batch, mesh = mb.batch, self.enc_mesh
         seq_of_row = torch.repeat_interleave(torch.tensor(batch.patch_counts))
-        rows_of = self._rows_of(batch.patch_counts, mesh, "contiguous")
-        ctx = attn_context(rows_of, mesh, seq_of_row, causal=False)
-        rows = rows_of(self.rank)
-        return self.encoder(batch.patches[rows].to(self.device), batch.patch_grid[rows].to(self.device),
-                            self._on_device(ctx))
+        ctx = attn_context(mb.enc_layout.rows, mesh, seq_of_row, causal=False)
+        rows = mb.enc_layout.rows(self.rank)
+        return self.encoder(batch.patches[rows].to(self.device),
+                            batch.patch_grid[rows].to(self.device), self._on_device(ctx))
 
-    def _boundary(self, batch, x: torch.Tensor) -> torch.Tensor:
-        """Move encoder output rows to the LLM layout's image rows of this rank."""
-        if self.world_size == 1:
-            return x
-        raise NotImplementedError("boundary transform needs hpcomm.Transform")
+    def _boundary(self, mb: MicroBatch, x: torch.Tensor, out=None, out_rows=None) -> torch.Tensor:
+        """Encoder rows -> this rank's image rows of the LLM layout, written into `out` at
+        `out_rows` on LLM ranks. Times forward and (through autograd node hooks) backward."""
+        if mb.boundary is None:  # single process: the rows already are in order
+            return x if out is None else out.index_put((out_rows,), x)
+        start = time.perf_counter()
+        y = mb.boundary(x, out=out, out_rows=out_rows)
+        self.boundary_seconds += time.perf_counter() - start
+        if y.grad_fn is not None:
+            started = []
+            y.grad_fn.register_prehook(lambda grads: started.append(time.perf_counter()))
+            y.grad_fn.register_hook(lambda grads_in, grads_out: self._add_boundary_time(started))
+        return y
 
-    def _llm_loss(self, batch, image_tokens: torch.Tensor, num_targets: int) -> torch.Tensor:
+    def _add_boundary_time(self, started: list[float]) -> None:
+        self.boundary_seconds += time.perf_counter() - started[0]
+
+    def _llm_loss(self, mb: MicroBatch, x: torch.Tensor, num_targets: int) -> torch.Tensor:
         """This rank's share of the step loss: summed CE over its rows / the step's target count."""
-        mesh = self.llm_mesh
+        batch, mesh = mb.batch, self.llm_mesh
         seq_of_row = torch.repeat_interleave(torch.tensor(batch.seq_lens))
-        rows_of = self._rows_of(batch.seq_lens, mesh, "zigzag")
-        ctx = attn_context(rows_of, mesh, seq_of_row, causal=True)
-        rows = rows_of(self.rank)
+        ctx = attn_context(mb.llm_layout.rows, mesh, seq_of_row, causal=True)
+        rows = mb.llm_layout.rows(self.rank)
         tokens = batch.tokens[rows].to(self.device)
-        h = self.llm.embed(tokens)
-        # Image tokens of this rank in its local row order, which is how the transform delivers them.
-        h = h.index_put(((tokens == IMG).nonzero().squeeze(1),), image_tokens)
+        # The transform delivers this rank's image rows in its local row order.
+        h = self._boundary(mb, x, out=self.llm.embed(tokens), out_rows=(tokens == IMG).nonzero()[:, 0])
         logits = self.llm(h, batch.positions[rows].to(self.device), self._on_device(ctx))
         return F.cross_entropy(logits, batch.targets[rows].to(self.device), ignore_index=IGNORE,
                                reduction="sum") / num_targets
-
-    def _rows_of(self, seq_lens, mesh, cp_mode):
-        parts = grid_rows(seq_lens, mesh.dims, cp_mode)
-        return lambda rank: parts[mesh.ranks.index(rank)]
 
     def _on_device(self, ctx: AttnContext) -> AttnContext:
         return replace(ctx, mask=ctx.mask.to(self.device))
@@ -159,23 +182,23 @@ class Trainer:
         batches = micro_batches(self.dataset, step, cfg.batch_size, cfg.micro_batches,
                                 cfg.model.patch, cfg.seed)
         num_targets = sum(b.num_targets for b in batches)
+        mbs = [self._plan(batch) for batch in batches]  # also keeps the transforms alive
         loss = torch.zeros((), device=self.device)
         if self.llm is not None:
-            for batch in batches:
-                y = self._boundary(batch, self._encode(batch))
-                mb_loss = self._llm_loss(batch, y, num_targets)
+            for mb in mbs:
+                mb_loss = self._llm_loss(mb, self._encode(mb), num_targets)
                 mb_loss.backward()
                 loss += mb_loss.detach()
         else:
-            # Encoder-only ranks run one micro-batch ahead: encode batch i+1 while the LLM ranks
-            # work on batch i, then take batch i's gradients back. Both sides issue the transforms
-            # in the order fwd 0, bwd 0, fwd 1, bwd 1, ..., so any micro-batch count is deadlock-free.
-            y = self._boundary(batches[0], self._encode(batches[0]))
-            for i in range(len(batches)):
-                ahead = self._encode(batches[i + 1]) if i + 1 < len(batches) else None
-                torch.autograd.backward(y, torch.zeros_like(y))
+            # Encoder-only ranks run one micro-batch ahead: encode i+1 while the LLM ranks work on
+            # i, then take i's gradients back. Both sides issue the transforms in the order fwd 0,
+            # bwd 0, fwd 1, bwd 1, ..., so any number of micro-batches is deadlock-free.
+            y = self._boundary(mbs[0], self._encode(mbs[0]))
+            for i in range(len(mbs)):
+                ahead = self._encode(mbs[i + 1]) if i + 1 < len(mbs) else None
+                torch.autograd.backward(y, torch.zeros_like(y))  # y has zero rows here
                 if ahead is not None:
-                    y = self._boundary(batches[i + 1], ahead)
+                    y = self._boundary(mbs[i + 1], ahead)
         for module, mesh, opt in self.optimizers:
             reduce_grads(module, mesh)
         if self.keep_grads:
