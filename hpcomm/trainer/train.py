@@ -219,16 +219,18 @@ class Trainer:
 
 
 def grad_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
-               params) -> dict[str, float]:
-    """Max |grad - reference grad| per module ("encoder", "llm") over this rank's (sharded) params."""
-    error = {"encoder": 0.0, "llm": 0.0}
+               params) -> torch.Tensor:
+    """[encoder, llm]: max |grad - reference grad| over this rank's (sharded) parameters, and the
+    max |reference grad| over the same elements (to state the error relative to the scale)."""
+    error = torch.zeros(2, 2)
     for name, p in params:
         ref = reference[name]
         if hasattr(p, "tp_shard"):
             dim, index, parts = p.tp_shard
             ref = ref.tensor_split(parts, dim)[index]
-        module = name.split(".")[0]
-        error[module] = max(error[module], (grads[name] - ref).abs().max().item())
+        i = 0 if name.startswith("encoder.") else 1
+        error[i, 0] = max(error[i, 0], (grads[name] - ref).abs().max().item())
+        error[i, 1] = max(error[i, 1], ref.abs().max().item())
     return error
 
 
@@ -236,8 +238,9 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device=torch.dev
           check_parity: bool = False, plot: str | None = None, progress: bool = True) -> dict:
     """Run cfg.steps steps on this rank; on rank 0 print one line per step. With check_parity,
     rank 0 then reruns the steps in one process and every rank compares its first-step gradients.
-    Returns {"losses": [...], and with check_parity "reference": [...], "loss_error": X,
-    "grad_error": {"encoder": e, "llm": e}} (the errors are maxima over all ranks)."""
+    Returns {"losses": [...]}, with check_parity also "reference" (losses), "loss_error" (max
+    |Δloss|) and "grad_error" ({"encoder": e, "llm": e}, first-step max |Δgrad| / max |grad| over
+    all ranks)."""
     from tqdm import tqdm
 
     trainer = Trainer(cfg, rank, world_size, device)
@@ -254,6 +257,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device=torch.dev
             bar.write(f"step {step:4d} | loss {stats.loss:7.4f} | "
                       f"{stats.tokens / stats.seconds:9,.0f} tok/s | "
                       f"boundary {stats.boundary_seconds / stats.seconds:6.1%} of {stats.seconds * 1e3:6.1f} ms")
+    bar.close()
     result = {"losses": losses}
     if check_parity:
         reference = [None, None]
@@ -271,15 +275,15 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device=torch.dev
         ref_losses, ref_grads = reference
         errors = grad_error(first_grads, {k: v.to(device) for k, v in ref_grads.items()},
                             trainer.named_parameters())
-        errors = torch.tensor([errors["encoder"], errors["llm"]])
         if world_size > 1:
             dist.all_reduce(errors, op=dist.ReduceOp.MAX)
+        relative = (errors[:, 0] / errors[:, 1]).tolist()
         result.update(reference=ref_losses,
                       loss_error=max(abs(a - b) for a, b in zip(losses, ref_losses)),
-                      grad_error={"encoder": errors[0].item(), "llm": errors[1].item()})
+                      grad_error={"encoder": relative[0], "llm": relative[1]})
         if rank == 0 and progress:
-            print(f"parity: first-step max |Δgrad| encoder = {errors[0].item():.3e}, "
-                  f"llm = {errors[1].item():.3e}")
+            print(f"parity: first-step max |Δgrad| / max |grad|: encoder {relative[0]:.2e}, "
+                  f"llm {relative[1]:.2e}")
             print(f"parity: max |Δloss| = {result['loss_error']:.3e} over {cfg.steps} steps")
     if plot and rank == 0:
         _plot(plot, result)
