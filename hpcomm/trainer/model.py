@@ -14,6 +14,7 @@ torchtitan's parallelize_llama rewires an unparallel model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +37,13 @@ class Config:
 
 @dataclass
 class AttnContext:
-    """Per-forward row bookkeeping. mask[i, j]: query row i may attend key row j. The rows the keys
-    come from are whatever gather_kv produces; counts tell the collectives how many rows each peer
-    holds (no size handshake)."""
-    mask: torch.Tensor                  # [q_rows, k_rows] bool
-    sp_counts: list[int] | None = None  # rows per tensor-parallel peer (sequence parallel)
-    cp_counts: list[int] | None = None  # rows per context-parallel peer
+    """Per-forward row bookkeeping. mask[i, j]: query row i may attend key row j, where the key rows
+    are whatever gather_kv produces. The collectives (x -> x, autograd-aware) are set only when the
+    module is parallelized that way."""
+    mask: torch.Tensor                   # [query rows, key rows] bool
+    sp_gather: Callable | None = None    # SP rows -> this CP rank's rows (enter a TP region)
+    sp_reduce_scatter: Callable | None = None  # partial sums of CP rows -> summed SP rows (leave)
+    cp_gather: Callable | None = None    # this CP rank's rows -> the CP group's rows (K and V)
 
 
 def packed_mask(q_rows: torch.Tensor, k_rows: torch.Tensor, seq_of_row: torch.Tensor,

@@ -11,7 +11,7 @@ torchtitan's parallelize_llama does.
   the encoder.
 - DP: whole samples per rank; gradients are summed over the module's own ranks (see reduce_grads).
 
-Row counts per peer come from the layouts (AttnContext), so no collective needs a size handshake.
+All row bookkeeping comes from hpcomm layouts; the SP and CP collectives are hpcomm transforms.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from hpcomm import Layout, Transform
 
 from .model import AttnContext, Block, packed_mask
 
@@ -59,24 +61,24 @@ class Mesh:
         if dims.size != len(ranks):
             raise ValueError(f"degrees {dims} multiply to {dims.size}, but the module has "
                              f"{len(ranks)} ranks {ranks}")
-        if list(ranks) != sorted(ranks):
-            raise ValueError(f"module ranks must be increasing (process groups order their members "
-                             f"by rank), got {ranks}")
         self.dims, self.ranks, self.rank = dims, list(ranks), rank
         grid = torch.tensor(self.ranks).view(dims.dp, dims.cp, dims.tp)
-        self.tp_group, self.tp_ranks = self._group(grid.reshape(-1, dims.tp))
-        self.cp_group, self.cp_ranks = self._group(grid.transpose(1, 2).reshape(-1, dims.cp))
-        self.dp_cp_group, _ = self._group(grid.permute(2, 0, 1).reshape(dims.tp, -1))
-        self.group, _ = self._group(grid.reshape(1, -1))
+        d, c, t = self.coords(rank) if rank in self.ranks else (0, 0, 0)
+        self.tp_ranks = grid[d, c, :].tolist()  # this rank's TP peers (SP split), TP order
+        self.cp_ranks = grid[d, :, t].tolist()  # its CP peers, CP order
+        # Gradient reduction groups: TP-sharded weights are replicated over DP x CP, the others
+        # over all of the module's ranks. (TP and CP traffic goes through hpcomm transforms.)
+        self.dp_cp_group = self._group(grid.permute(2, 0, 1).reshape(dims.tp, -1))
+        self.group = self._group(grid.reshape(1, -1))
 
     def _group(self, rows: torch.Tensor):
-        """Create one group per row of rank ids; return the one holding this rank and its ranks."""
-        mine, members = None, [self.rank]
+        """Create one group per row of rank ids; return the one holding this rank."""
+        mine = None
         for row in rows.tolist():
             group = dist.new_group(row) if len(row) > 1 else None
             if self.rank in row:
-                mine, members = group, row
-        return mine, members
+                mine = group
+        return mine
 
     def __contains__(self, rank: int) -> bool:
         return rank in self.ranks
@@ -86,61 +88,22 @@ class Mesh:
         return i // (self.dims.cp * self.dims.tp), i // self.dims.tp % self.dims.cp, i % self.dims.tp
 
 
-# ---------------------------------------------------------------- collectives with autograd
-# Peers may hold different row counts (tensor_split of ragged sequences), so gathers pad to the
-# largest count. The gradient of a gather is a reduce-scatter; gloo has no reduce_scatter, so it is
-# an all-reduce of the gathered gradient followed by taking one's own rows.
+# ---------------------------------------------------------------- collectives
+# The model's own collectives are hpcomm transforms too, built per micro-batch by attn_context
+# from the layouts (so ragged row counts need no padding and no size handshake). With the default
+# gradient semantics the SP gather's backward is a reduce-scatter, the reduce-scatter's (a partial
+# source) an all-gather, and the CP K/V gather's a reduce-scatter of the key/value gradients.
 
-def _all_gather_rows(x: torch.Tensor, group, counts: list[int]) -> torch.Tensor:
-    width = max(counts)
-    padded = x.new_zeros((width, *x.shape[1:]))
-    padded[:len(x)] = x
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+def sp_gather(x, ctx):
+    return ctx.sp_gather(x)
 
 
-def _own_rows(x: torch.Tensor, group, counts: list[int]) -> torch.Tensor:
-    start = sum(counts[:dist.get_rank(group)])
-    return x[start:start + counts[dist.get_rank(group)]]
+def sp_reduce_scatter(x, ctx):
+    return ctx.sp_reduce_scatter(x)
 
 
-class _GatherRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, counts):
-        ctx.group, ctx.counts = group, counts
-        return _all_gather_rows(x, group, counts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return _own_rows(grad, ctx.group, ctx.counts), None, None
-
-
-class _ReduceScatterRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, counts):
-        ctx.group, ctx.counts = group, counts
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return _own_rows(x, group, counts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_rows(grad.contiguous(), ctx.group, ctx.counts), None, None
-
-
-def sp_gather(group):
-    return lambda x, ctx: _GatherRows.apply(x, group, ctx.sp_counts)
-
-
-def sp_reduce_scatter(group):
-    return lambda x, ctx: _ReduceScatterRows.apply(x, group, ctx.sp_counts)
-
-
-def cp_gather(group):
-    return lambda x, ctx: _GatherRows.apply(x, group, ctx.cp_counts)
+def cp_gather(x, ctx):
+    return ctx.cp_gather(x)
 
 
 # ---------------------------------------------------------------- applying the parallelism
@@ -168,10 +131,10 @@ def parallelize(module: nn.Module, mesh: Mesh) -> nn.Module:
                 _shard(linear, 0, tp_rank, tp)
             for linear in (attn.wo, mlp.w2):
                 _shard(linear, 1, tp_rank, tp)
-            attn.enter = mlp.enter = sp_gather(mesh.tp_group)
-            attn.exit = mlp.exit = sp_reduce_scatter(mesh.tp_group)
+            attn.enter = mlp.enter = sp_gather
+            attn.exit = mlp.exit = sp_reduce_scatter
         if mesh.dims.cp > 1:
-            attn.gather_kv = cp_gather(mesh.cp_group)
+            attn.gather_kv = cp_gather
     return module
 
 
@@ -194,17 +157,26 @@ def reduce_grads(module: nn.Module, mesh: Mesh) -> None:
             p.grad.copy_(g.view_as(p))
 
 
-def attn_context(rows_of, mesh: Mesh, seq_of_row: torch.Tensor, causal: bool) -> AttnContext:
-    """Mask and peer row counts for this rank. rows_of(rank) gives a rank's global rows (local
-    order) of the module's layout. Queries are the rows after the SP gather (this CP rank's rows,
-    TP peers in order); keys are the rows after the CP gather (every CP peer's query rows)."""
+def attn_context(layout: Layout, mesh: Mesh, seq_of_row: torch.Tensor, causal: bool) -> AttnContext:
+    """Mask and collectives of this rank for one micro-batch whose rows follow `layout` (the
+    module's Layout.grid). Queries are this CP rank's rows (its TP peers' SP rows, in order), keys
+    every CP peer's query rows, so the mask comes from the very rows the gathers deliver. Each
+    collective is a transform between two descriptions of the same global rows."""
     def cp_rows(rank):
         d, c, _ = mesh.coords(rank)
-        peers = [r for r in mesh.ranks if mesh.coords(r)[:2] == (d, c)]
-        return [rows_of(r) for r in peers]
+        return torch.cat([layout.rows(r) for r in mesh.ranks if mesh.coords(r)[:2] == (d, c)])
 
-    sp_parts = cp_rows(mesh.rank)
-    q_rows = torch.cat(sp_parts)
-    kv_parts = [torch.cat(cp_rows(r)) for r in mesh.cp_ranks]
-    return AttnContext(packed_mask(q_rows, torch.cat(kv_parts), seq_of_row, causal),
-                       sp_counts=[len(p) for p in sp_parts], cp_counts=[len(p) for p in kv_parts])
+    q_rows = cp_rows(mesh.rank)
+    k_rows = torch.cat([cp_rows(r) for r in mesh.cp_ranks])
+    ctx = AttnContext(packed_mask(q_rows, k_rows, seq_of_row, causal))
+    n = layout.num_rows
+    if mesh.dims.tp > 1:
+        sp = Layout.from_rows({r: layout.rows(r) for r in mesh.tp_ranks}, n)
+        cp_local = {r: q_rows for r in mesh.tp_ranks}
+        ctx.sp_gather = Transform(sp, Layout.from_rows(cp_local, n))
+        # Row-parallel outputs are partial sums; the transform delivers their sum.
+        ctx.sp_reduce_scatter = Transform(Layout.from_rows(cp_local, n, partial=True), sp)
+    if mesh.dims.cp > 1:
+        ctx.cp_gather = Transform(Layout.from_rows({r: cp_rows(r) for r in mesh.cp_ranks}, n),
+                                  Layout.from_rows({r: k_rows for r in mesh.cp_ranks}, n))
+    return ctx

@@ -36,7 +36,7 @@ def config(name: str, steps: int = 3) -> TrainConfig:
 def run_parity(rank, world_size, cfg, detach_cp_gather=False):
     original = parallelize.cp_gather
     if detach_cp_gather:  # negative control: no gradient flows back through the CP K/V gather
-        parallelize.cp_gather = lambda group: lambda x, ctx: original(group)(x, ctx).detach()
+        parallelize.cp_gather = lambda x, ctx: original(x, ctx).detach()
     try:
         return train(cfg, rank, world_size, check_parity=True, progress=False)
     finally:
