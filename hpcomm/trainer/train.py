@@ -82,10 +82,10 @@ class MicroBatch:
 
 @dataclass
 class StepStats:
-    loss: float
-    tokens: int
-    seconds: float
-    boundary_seconds: float
+    loss: float            # global
+    tokens: int            # global
+    seconds: float         # this rank's step time
+    boundary_share: float  # share of step time in boundary transforms, mean over ranks
 
 
 class Trainer:
@@ -205,11 +205,12 @@ class Trainer:
             self.grads = {name: p.grad.clone() for name, p in self.named_parameters()}
         for _, _, opt in self.optimizers:
             opt.step()
-        stats = torch.tensor([loss.item(), self.boundary_seconds])
+        seconds = time.perf_counter() - start
+        stats = torch.tensor([loss.item(), self.boundary_seconds / seconds])
         if self.world_size > 1:
             dist.all_reduce(stats)
-        return StepStats(stats[0].item(), sum(len(b.tokens) for b in batches),
-                         time.perf_counter() - start, stats[1].item() / self.world_size)
+        return StepStats(stats[0].item(), sum(len(b.tokens) for b in batches), seconds,
+                         stats[1].item() / self.world_size)
 
     def named_parameters(self):
         """Parameters of the modules this rank holds, named as in MultimodalModel."""
@@ -256,7 +257,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device=torch.dev
         if rank == 0 and progress:
             bar.write(f"step {step:4d} | loss {stats.loss:7.4f} | "
                       f"{stats.tokens / stats.seconds:9,.0f} tok/s | "
-                      f"boundary {stats.boundary_seconds / stats.seconds:6.1%} of {stats.seconds * 1e3:6.1f} ms")
+                      f"boundary {stats.boundary_share:6.1%} of {stats.seconds * 1e3:6.1f} ms")
     bar.close()
     result = {"losses": losses}
     if check_parity:

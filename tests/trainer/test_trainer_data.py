@@ -1,0 +1,129 @@
+"""Data: the JSONL manifest path (images made on the fly with Pillow), THD packing, the synthetic
+task, and the CLI end to end in one process (manifest, plot) and on two spawned processes
+(parity exit status)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from hpcomm.trainer import train as train_mod
+from hpcomm.trainer.data import (BOS, EOS, IGNORE, IMG, ManifestDataset, SyntheticDataset,
+                                 decode, micro_batches, pack, patchify)
+
+# (width, height) on disk -> (width, height) after scaling to max_side=32 and flooring to the patch
+SIZES = {(20, 12): (20, 12), (64, 16): (32, 8), (3, 50): (4, 32), (33, 33): (32, 32)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process training on a shared 2-core machine: OpenMP threads that spin against other
+    processes slow these tests down tenfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    with open(tmp_path / "data.jsonl", "w") as f:
+        for i, (w, h) in enumerate(SIZES):
+            colour = (255, 0, 0) if i % 2 else (0, 0, 255)
+            Image.new("RGB", (w, h), colour).save(tmp_path / f"img{i}.png")
+            f.write(json.dumps({"image": f"img{i}.png", "text": f"picture {i} é"}) + "\n")
+    return str(tmp_path / "data.jsonl")
+
+
+def test_manifest_images_and_captions(manifest):
+    ds = ManifestDataset(manifest, patch=4, max_side=32)
+    assert len(ds) == len(SIZES)
+    for i, (w, h) in enumerate(SIZES.values()):
+        sample = ds[i]
+        assert sample.image.shape == (3, h, w)
+        assert sample.text == f"picture {i} é"
+        red = i % 2 == 1
+        assert sample.image[0].mean().item() == pytest.approx(1.0 if red else 0.0)
+        assert sample.image[2].mean().item() == pytest.approx(0.0 if red else 1.0)
+
+
+def test_pack_rows_targets_and_patches(manifest):
+    ds = ManifestDataset(manifest, patch=4, max_side=32)
+    samples = [ds[i] for i in range(len(ds))]
+    batch = pack(samples, patch=4)
+    counts = [(w // 4) * (h // 4) for w, h in SIZES.values()]
+    assert batch.patch_counts == counts
+    assert batch.patches.shape == (sum(counts), 48)
+    assert len(batch.image_rows) == sum(counts)
+    start = 0
+    for sample, n, seq_len in zip(samples, counts, batch.seq_lens):
+        text = sample.text.encode()
+        assert seq_len == 2 + n + len(text)
+        seq = batch.tokens[start:start + seq_len].tolist()
+        assert seq == [BOS] + [IMG] * n + list(text) + [EOS]
+        assert decode(seq) == sample.text
+        assert batch.positions[start:start + seq_len].tolist() == list(range(seq_len))
+        targets = batch.targets[start:start + seq_len].tolist()
+        # the loss covers exactly the caption and EOS, each predicted from the row before it
+        assert targets == [IGNORE] * n + seq[n + 1:] + [IGNORE]
+        start += seq_len
+    assert batch.num_targets == sum(len(s.text.encode()) + 1 for s in samples)
+    # patch rows follow the image pixels in row-major patch order
+    image = samples[0].image
+    assert torch.equal(batch.patches[1].view(3, 4, 4), image[:, 0:4, 4:8])
+    assert batch.patch_grid[:counts[0]].tolist()[:2] == [[0, 0], [0, 1]]
+
+
+def test_patchify_roundtrip():
+    image = torch.rand(3, 8, 12)
+    patches, grid = patchify(image, 4)
+    assert patches.shape == (6, 48) and grid.tolist()[-1] == [1, 2]
+    rebuilt = patches.view(2, 3, 3, 4, 4).permute(2, 0, 3, 1, 4).reshape(3, 8, 12)
+    assert torch.equal(rebuilt, image)
+
+
+def test_micro_batches_cover_epoch_once(manifest):
+    ds = ManifestDataset(manifest, patch=4)
+    batches = micro_batches(ds, 0, 4, 3, 4, seed=1)
+    assert [len(b.seq_lens) for b in batches] == [2, 1, 1]  # tensor_split of 4 samples
+    seen = sorted(decode(b.tokens.tolist()) for b in batches)
+    assert "".join(seen).count("picture") == 4 and all(str(i) in "".join(seen) for i in range(4))
+
+
+def test_synthetic_task_varies_and_is_deterministic():
+    ds = SyntheticDataset(seed=3)
+    a, b = ds[5], SyntheticDataset(seed=3)[5]
+    assert torch.equal(a.image, b.image) and a.text == b.text
+    samples = [ds[i] for i in range(40)]
+    assert len({s.image.shape for s in samples}) > 3  # different patch counts
+    assert len({s.text for s in samples}) > 10
+    assert all(s.text.startswith("a ") for s in samples)
+
+
+def test_cli_single_process_manifest_and_plot(manifest, tmp_path, capsys):
+    plot = tmp_path / "loss.png"
+    assert train_mod.main(["--nproc", "1", "--data", manifest, "--steps", "2", "--batch-size", "4",
+                           "--plot", str(plot), "--check-parity"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == "parity: max |Δloss| = 0.000e+00 over 2 steps"
+    assert plot.stat().st_size > 1000
+
+
+def test_synthetic_task_is_learned():
+    """A single-process run: the caption loss falls well below the uniform-byte loss (ln 259)."""
+    result = train_mod.train(train_mod.TrainConfig(steps=30, micro_batches=1), progress=False)
+    assert result["losses"][0] > 5.0
+    assert result["losses"][-1] < 1.5
+
+
+def test_cli_spawns_processes_and_reports_parity(capsys):
+    code = train_mod.main(["--nproc", "2", "--encoder", "tp=2", "--llm", "cp=2", "--steps", "2",
+                           "--batch-size", "4", "--check-parity"])
+    assert code == 0
+
+
+def test_cli_parity_failure_exits_1(monkeypatch, capsys):
+    monkeypatch.setattr(train_mod, "PARITY_TOLERANCE", -1.0)  # any error, even 0, now fails
+    assert train_mod.main(["--nproc", "1", "--steps", "1", "--batch-size", "2",
+                           "--check-parity"]) == 1
