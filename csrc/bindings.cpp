@@ -1,5 +1,6 @@
 // Python bindings of hpcomm._C: registration only.
 #include <pybind11/stl.h>
+#include <torch/extension.h>
 
 #include "segment_copy.h"
 

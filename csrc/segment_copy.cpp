@@ -12,6 +12,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -28,14 +29,18 @@ namespace {
 constexpr int64_t kChunkBytes = 256 * 1024;
 // Below this many segments a table is split into work items directly (balanced by bytes).
 constexpr int64_t kSegmentGrain = 256;
-// Streaming stores pay off once the destination cannot stay in cache anyway (measured: see
-// bench/bench_kernels.py); below, the destination is likely read again soon from cache.
+// Streaming stores skip the read-for-ownership of each destination line: measured 2.5x on a scatter
+// of 1 KiB rows into 128 MiB, 1.3x on 64 KiB rows (bench/bench_kernels.py). Below about half the
+// 32 MiB L3 the destination may still be in cache when it is read next, so plain stores keep it there.
 constexpr int64_t kStreamingMinDstBytes = 16 * 1024 * 1024;
 // Pieces shorter than this are not worth the streaming loop's setup.
 constexpr int64_t kStreamingMinPieceBytes = 256;
-// How many lines (or segments) ahead the source is prefetched, and how much of each.
-constexpr int64_t kPrefetchAhead = 4;
-constexpr int64_t kPrefetchBytes = 256;
+// Lines (or segments) ahead whose source is prefetched, and how much of each: rows in random order
+// defeat the hardware prefetcher at every row start. Non-temporal hint, as each byte is read once.
+// Measured within noise on the 2-core VM this was tuned on, where random rows are bound by page
+// walks (see bench/bench_kernels.py).
+constexpr int64_t kPrefetchAhead = 8;
+constexpr int64_t kPrefetchBytes = 1024;
 constexpr int64_t kCacheLine = 64;
 
 inline void prefetch_source(const uint8_t* p, int64_t bytes) {
@@ -149,19 +154,20 @@ struct Table {
 template <typename Line>
 void apply_in_chunks(const uint8_t* src, uint8_t* dst, const Table& table, const std::vector<int64_t>& segments,
                      const Line& line) {
-  std::vector<int64_t> first_chunk(segments.size() + 1, 0);
-  for (size_t k = 0; k < segments.size(); ++k) {
-    first_chunk[k + 1] = first_chunk[k] + num_chunks(chunk_shape(table.checked_segment(segments[k]), kChunkBytes));
+  const int64_t n = static_cast<int64_t>(segments.size());
+  std::vector<int64_t> chunk_ends(segments.size());
+  int64_t total = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    total += num_chunks(chunk_shape(table.checked_segment(segments[k]), kChunkBytes));
+    chunk_ends[k] = total;
   }
-  at::parallel_for(0, first_chunk.back(), 1, [&](int64_t begin, int64_t end) {
-    auto it = std::upper_bound(first_chunk.begin(), first_chunk.end(), begin) - 1;
-    for (int64_t item = begin; item < end;) {
-      const size_t k = static_cast<size_t>(it - first_chunk.begin());
+  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = find_segment(chunk_ends.data(), n, begin), item = begin; item < end; ++k) {
       const Segment seg = load_segment(table.rows, segments[k], table.elem_size);
       const ChunkShape shape = chunk_shape(seg, kChunkBytes);
-      const int64_t last = std::min(end, first_chunk[k + 1]);
-      for (; item < last; ++item) apply_chunk(src, dst, seg, chunk_bounds(seg, shape, item - first_chunk[k]), line);
-      ++it;
+      for (; item < std::min(end, chunk_ends[k]); ++item) {
+        apply_chunk(src, dst, seg, chunk_bounds(seg, shape, item - first_item(chunk_ends.data(), k)), line);
+      }
     }
     line.finish();
   });
@@ -204,21 +210,21 @@ void accumulate_table(const uint8_t* src, uint8_t* dst, const Table& table) {
 
 }  // namespace
 
-void check_segment_args(const torch::Tensor& src, const torch::Tensor& dst, const torch::Tensor& table,
+void check_segment_args(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& table,
                         bool accumulate) {
   CHECK_CONTIGUOUS_1D(src);
   CHECK_CONTIGUOUS_1D(dst);
   CHECK_SAME_DTYPE(src, dst);
   TORCH_CHECK(src.device() == dst.device(), "src and dst must be on one device, got ", src.device(), " and ",
               dst.device());
-  TORCH_CHECK_TYPE(table.scalar_type() == torch::kInt64, "table must be int64, got ", table.scalar_type());
-  TORCH_CHECK(table.dim() == 2 && table.size(1) == kTableColumns && table.is_contiguous(),
-              "table must be a contiguous [num_segments, 6] tensor, got shape ", table.sizes());
+  TORCH_CHECK_TYPE(table.scalar_type() == at::ScalarType::Long, "table must be int64, got ", table.scalar_type());
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == kTableColumns, "table must be [num_segments, 6], got shape ",
+              table.sizes());
   const auto dtype = src.scalar_type();
-  TORCH_CHECK_TYPE(!accumulate || dtype == torch::kFloat32 || dtype == torch::kFloat64 || dtype == torch::kFloat16 ||
-                       dtype == torch::kBFloat16 || dtype == torch::kInt8 || dtype == torch::kUInt8 ||
-                       dtype == torch::kInt16 || dtype == torch::kInt32 || dtype == torch::kInt64 ||
-                       dtype == torch::kBool,
+  TORCH_CHECK_TYPE(!accumulate || dtype == at::ScalarType::Float || dtype == at::ScalarType::Double || dtype == at::ScalarType::Half ||
+                       dtype == at::ScalarType::BFloat16 || dtype == at::ScalarType::Char || dtype == at::ScalarType::Byte ||
+                       dtype == at::ScalarType::Short || dtype == at::ScalarType::Int || dtype == at::ScalarType::Long ||
+                       dtype == at::ScalarType::Bool,
                    "accumulate is not defined for ", dtype, " (torch has no add for it); copy is");
 }
 
@@ -236,11 +242,12 @@ void check_segment_row(const int64_t* row, int64_t i, int64_t src_numel, int64_t
                     " writes past the end of dst (", dst_numel, " elements)");
 }
 
-void copy_segments_cpu(const torch::Tensor& src, torch::Tensor& dst, const torch::Tensor& table, bool accumulate) {
+void copy_segments_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& table, bool accumulate) {
   check_segment_args(src, dst, table, accumulate);
-  CHECK_DEVICE(src, torch::kCPU);
-  CHECK_DEVICE(table, torch::kCPU);
-  const Table t{table.data_ptr<int64_t>(), table.size(0), static_cast<int64_t>(src.element_size()), src.numel(),
+  CHECK_DEVICE(src, at::kCPU);
+  CHECK_DEVICE(table, at::kCPU);
+  const at::Tensor rows = table.contiguous();
+  const Table t{rows.data_ptr<int64_t>(), rows.size(0), static_cast<int64_t>(src.element_size()), src.numel(),
                 dst.numel()};
   const auto* s = static_cast<const uint8_t*>(src.data_ptr());
   auto* d = static_cast<uint8_t*>(dst.data_ptr());
@@ -253,32 +260,32 @@ void copy_segments_cpu(const torch::Tensor& src, torch::Tensor& dst, const torch
     return;
   }
   switch (src.scalar_type()) {
-    case torch::kFloat32:
+    case at::ScalarType::Float:
       return accumulate_table<float, AddNative<float>>(s, d, t);
-    case torch::kFloat64:
+    case at::ScalarType::Double:
       return accumulate_table<double, AddNative<double>>(s, d, t);
-    case torch::kFloat16:
+    case at::ScalarType::Half:
       return accumulate_table<c10::Half, AddViaFloat<c10::Half>>(s, d, t);
-    case torch::kBFloat16:
+    case at::ScalarType::BFloat16:
       return accumulate_table<c10::BFloat16, AddViaFloat<c10::BFloat16>>(s, d, t);
-    case torch::kInt8:
+    case at::ScalarType::Char:
       return accumulate_table<int8_t, AddWrapping<int8_t>>(s, d, t);
-    case torch::kUInt8:
+    case at::ScalarType::Byte:
       return accumulate_table<uint8_t, AddWrapping<uint8_t>>(s, d, t);
-    case torch::kInt16:
+    case at::ScalarType::Short:
       return accumulate_table<int16_t, AddWrapping<int16_t>>(s, d, t);
-    case torch::kInt32:
+    case at::ScalarType::Int:
       return accumulate_table<int32_t, AddWrapping<int32_t>>(s, d, t);
-    case torch::kInt64:
+    case at::ScalarType::Long:
       return accumulate_table<int64_t, AddWrapping<int64_t>>(s, d, t);
-    case torch::kBool:
+    case at::ScalarType::Bool:
       return accumulate_table<uint8_t, AddBool>(s, d, t);
     default:
       TORCH_CHECK_TYPE(false, "accumulate is not defined for ", src.scalar_type());
   }
 }
 
-void copy_segments(const torch::Tensor& src, torch::Tensor& dst, const torch::Tensor& table, bool accumulate) {
+void copy_segments(const at::Tensor& src, at::Tensor& dst, const at::Tensor& table, bool accumulate) {
 #ifdef HPCOMM_WITH_CUDA
   if (src.is_cuda()) return copy_segments_cuda(src, dst, table, accumulate);
 #endif

@@ -161,11 +161,14 @@ def test_float8_accumulate_raises(backend, dtype):
 
 @pytest.mark.parametrize("row, error", [([0, 0, 1, 9, 9, 9], IndexError), ([0, 4, 2, 4, 0, 4], IndexError),
                                         ([0, 0, -1, 4, 4, 4], ValueError), ([-1, 0, 1, 1, 1, 1], ValueError)])
-def test_bad_table_raises(backend, row, error):
+@pytest.mark.parametrize("num_good", [0, 300], ids=["alone", "after-300-rows"])
+def test_bad_table_raises(backend, row, error, num_good):
+    """Also past the segment count where the CPU kernel splits the table across threads."""
     device = _device(backend)
+    table = torch.tensor([[0, 0, 0, 1, 1, 1]] * num_good + [row])
     with pytest.raises(error):
-        segments.copy_segments(torch.zeros(8, device=device), torch.zeros(8, device=device),
-                               torch.tensor([row]), backend=backend)
+        segments.copy_segments(torch.zeros(8, device=device), torch.zeros(8, device=device), table,
+                               backend=backend)
 
 
 def test_mismatched_dtypes_raise(backend):
@@ -194,3 +197,24 @@ def test_cuda_kernels_compile(cu_file, arch, tmp_path):
     cmd = ["nvcc", "-std=c++17", f"-arch={arch}", "-Icsrc", "-Icsrc/include", "-c", rel]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not AVAILABLE["triton"], reason="triton not installed")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")  # the kernel has no multiply to fuse
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype, accumulate", [("*i32", False), ("*i16", True)], ids=["copy", "accumulate-bf16"])
+def test_triton_kernel_compiles_for_cuda(arch, dtype, accumulate):
+    """The interpreter does not compile: lower the kernel to PTX for real GPUs, no GPU needed."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hpcomm.triton_kernels import segment_copy
+
+    signature = {"src": dtype, "dst": dtype, "table": "*i64", "line_bucket": "i32"}
+    constexprs = {"ACCUMULATE": accumulate, "ROUND_VIA_FLOAT": False, "IS_BF16_BITS": accumulate,
+                  "IS_BOOL": False, "BLOCK": 1024}
+    source = ASTSource(triton.jit(segment_copy._segment_kernel),
+                       {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs)
+    assert "ld.global" in triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]

@@ -127,6 +127,27 @@ HPCOMM_HOST_DEVICE Chunk chunk_bounds(const Segment& s, const ChunkShape& c, int
   return ch;
 }
 
+// Work items are numbered across a table: segment i owns items [chunk_ends[i - 1], chunk_ends[i]),
+// where chunk_ends holds the inclusive prefix sums of the segments' num_chunks. Returns the i that
+// owns `item` (binary search, so any thread can start anywhere).
+HPCOMM_HOST_DEVICE int64_t find_segment(const int64_t* chunk_ends, int64_t num_segments, int64_t item) {
+  int64_t lo = 0;
+  int64_t hi = num_segments;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (chunk_ends[mid] > item) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
+HPCOMM_HOST_DEVICE int64_t first_item(const int64_t* chunk_ends, int64_t segment) {
+  return segment == 0 ? 0 : chunk_ends[segment - 1];
+}
+
 // 16-byte vectors are usable on the part of a line where src and dst reach a 16-byte boundary
 // together; that needs the same misalignment on both sides. Otherwise the whole line is a tail.
 HPCOMM_HOST_DEVICE LineSplit split_line_16(uint64_t src_addr, uint64_t dst_addr, int64_t bytes) {

@@ -29,16 +29,18 @@ enum class DType : int {
 // Bytes a thread block aims to move per (segment, line chunk) work item.
 constexpr int64_t kChunkBytes = 32 * 1024;
 
-// gridDim.y is 16 bits wide; blocks loop over the chunks beyond it.
-constexpr int64_t kMaxChunksPerSegment = 65535;
+// Applying a [num_segments, 6] int64 segment table (see hpcomm/segments.py) that lives in device
+// memory takes two launches around a scan the caller does (torch's cumsum, say), all on `stream`
+// and without a host round trip:
+//   count_chunks(table, n, dtype, counts)    counts[i] = work items of segment i
+//   chunk_ends = inclusive prefix sum of counts
+//   copy_segments(src, dst, table, chunk_ends, n, dtype, accumulate)
+// src, dst: flat device buffers of `dtype`. accumulate adds in the dtype (half and bfloat16 through
+// float, integers wrapping, bool as or) and is undefined for float8, which the caller rejects.
+void count_chunks(const int64_t* table, int64_t num_segments, DType dtype, int64_t* chunk_counts, cudaStream_t stream);
 
-// Applies a [num_segments, 6] int64 segment table that lives in device memory (see
-// hpcomm/segments.py): dst = src, or dst += src with accumulate. src, dst: flat device buffers of
-// `dtype`. chunks_per_segment is gridDim.y, at most kMaxChunksPerSegment; the largest
-// num_chunks(chunk_shape(segment, kChunkBytes)) of the table when the caller knows it.
-// accumulate is defined for every DType except the float8 ones (the caller rejects those).
-void copy_segments(const void* src, void* dst, const int64_t* table, int64_t num_segments, DType dtype,
-                   bool accumulate, int64_t chunks_per_segment, cudaStream_t stream);
+void copy_segments(const void* src, void* dst, const int64_t* table, const int64_t* chunk_ends, int64_t num_segments,
+                   DType dtype, bool accumulate, cudaStream_t stream);
 
 }  // namespace kernels
 }  // namespace hpcomm
