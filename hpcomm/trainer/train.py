@@ -49,7 +49,7 @@ class TrainConfig:
     llm: ParallelDims = ParallelDims(cp=2, tp=2)
     placement: str = "colocated"
     steps: int = 40
-    micro_batches: int = 2
+    micro_batches: int = 1
     batch_size: int = 16
     lr: float = 3e-3
     warmup: int = 5
@@ -206,7 +206,7 @@ class Trainer:
         for _, _, opt in self.optimizers:
             opt.step()
         seconds = time.perf_counter() - start
-        stats = torch.tensor([loss.item(), self.boundary_seconds / seconds])
+        stats = torch.tensor([loss.item(), self.boundary_seconds / seconds], device=self.device)
         if self.world_size > 1:
             dist.all_reduce(stats)
         return StepStats(stats[0].item(), sum(len(b.tokens) for b in batches), seconds,
@@ -275,7 +275,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device=torch.dev
             dist.broadcast_object_list(reference, src=0)
         ref_losses, ref_grads = reference
         errors = grad_error(first_grads, {k: v.to(device) for k, v in ref_grads.items()},
-                            trainer.named_parameters())
+                            trainer.named_parameters()).to(device)
         if world_size > 1:
             dist.all_reduce(errors, op=dist.ReduceOp.MAX)
         relative = (errors[:, 0] / errors[:, 1]).tolist()
