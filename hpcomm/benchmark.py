@@ -375,6 +375,8 @@ class Prepared:
 
 def prepare(rank: int, world_size: int, cfg: dict) -> Prepared:
     """Build every method for ``cfg`` and verify each once (collective: every rank calls it)."""
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg.get("device", "cpu"))
     dtype, hidden = DTYPES[cfg["dtype"]], cfg["hidden"]
     src, dst = case_layouts(cfg, world_size)
@@ -563,11 +565,11 @@ def plot(results: list[dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (case, pas), rows in _group(results).items():
-        for m in METHODS:
+        for color, m in enumerate(METHODS):
             pts = [(r["size"], r["algbw_GBps"][m]) for r in rows if m in r["algbw_GBps"]]
             if pts:
                 label = f"{m} {pas}" + (f" [{case}]" if len(_group(results)) > 2 else "")
-                ax.plot(*zip(*sorted(pts)), marker="o", label=label,
+                ax.plot(*zip(*sorted(pts)), marker="o", label=label, color=f"C{color}",
                         linestyle="--" if pas == "fwd+bwd" else "-")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -672,7 +674,13 @@ def run_all(cfgs: list[dict], world_size: int) -> list[dict]:
         print_fn = print if rank == 0 else (lambda *a, **k: None)
         world = None
     else:
-        comm, print_fn = "gloo, local processes", print
+        # the workers import torch before World can set OMP_NUM_THREADS, so each would run as many
+        # threads as there are cores; oversubscribed, pack and index_select run ~10x slower. Share
+        # the cores out, as torchrun's OMP_NUM_THREADS=1 does.
+        threads = max(1, (os.cpu_count() or 1) // world_size)
+        for cfg in cfgs:
+            cfg["threads"] = threads
+        comm, print_fn = f"gloo, local processes, {threads} thread(s) each", print
         world = World(world_size, pg_timeout=600)
         run = lambda cfg: world.run(run_case, cfg, timeout=3600)[0]  # noqa: E731
     results, last_case, explained = [], None, set()
