@@ -18,6 +18,7 @@ import itertools
 import weakref
 
 import torch
+from torch._library.effects import EffectType
 
 from hpcomm import segments
 
@@ -46,7 +47,11 @@ def transform(x: torch.Tensor, anchor: torch.Tensor, handle: int) -> torch.Tenso
 
 @transform.register_fake
 def _(x, anchor, handle):
-    return x.new_empty(_lookup(handle)._output_shape(x, backward=False))
+    # under torch.compile this is where inputs are checked: Transform.__call__'s own check reads
+    # cached plans (lru_cache, numpy), which Dynamo would trace instead of calling
+    t = _lookup(handle)
+    t._check(x, t._rank(), backward=False)
+    return x.new_empty(t._output_shape(x, backward=False))
 
 
 @torch.library.custom_op("hpcomm::transform_backward", mutates_args=())
@@ -71,6 +76,12 @@ def _transform_grad(ctx, grad):
 
 
 transform.register_autograd(_transform_grad, setup_context=_transform_setup)
+
+# Both are collectives: a compiled graph must neither drop one whose output looks unused (the
+# backward of a rank whose input needs no gradient returns nothing the graph uses, yet its peers
+# wait for what it sends) nor reorder two of them (every rank must issue them in the same order).
+for _op in (torch.ops.hpcomm.transform.default, torch.ops.hpcomm.transform_backward.default):
+    torch.library._register_effectful_op(_op, EffectType.ORDERED)
 
 
 # -- pack / unpack: the kernel contract as differentiable ops -----------------------------------

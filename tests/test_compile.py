@@ -1,0 +1,67 @@
+"""torch.compile(fullgraph=True) through the hpcomm::transform custom op on a 2-rank gloo world:
+no graph break, the same forward and the same gradients as eager.
+
+The destination-only rank 1 matters: its input does not require grad, so only the op's anchor keeps
+its output in the graph, and its compiled backward must still run the collective that sends its
+gradients to rank 0 (the ops are registered as ordered effects so that the compiler keeps it)."""
+
+import pytest
+import torch
+
+from hpcomm import Layout, Transform, ops
+
+LENS = [5, 7]
+
+
+def _compiled_matches_eager(rank, world_size, backend, via_call):
+    import torch._dynamo
+    import torch._functorch.config
+    import torch._inductor.config
+
+    src, dst = Layout.dp([0], LENS), Layout.cp([0, 1], LENS, "zigzag")
+    t = Transform(src, dst)
+    x_global = torch.randn(sum(LENS), 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = (src.shard(x_global, rank) if rank in src.ranks else x_global[:0]).clone()
+    x.requires_grad_(rank in src.ranks)
+
+    def step(x):
+        y = t(x * 2) if via_call else ops.transform(x * 2, t._anchor, t._handle)
+        return (y ** 2).sum(-1)
+
+    eager = step(x)
+    eager.sum().backward()
+    eager_grad = x.grad.clone() if x.requires_grad else None
+    x.grad = None
+    torch._dynamo.reset()
+    # no compile caches: an entry compiled before hpcomm registered its ops as effectful would
+    # bring back a backward graph without the collective
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled = torch.compile(step, fullgraph=True, backend=backend)(x)
+    compiled.sum().backward()
+    ok_fwd = torch.allclose(compiled, eager, rtol=1e-12, atol=0)
+    ok_bwd = eager_grad is None or torch.allclose(x.grad, eager_grad, rtol=1e-12, atol=0)
+    return ok_fwd, ok_bwd, compiled.requires_grad
+
+
+def _check(results):
+    for rank, (ok_fwd, ok_bwd, in_graph) in enumerate(results):
+        assert ok_fwd, f"rank {rank}: compiled forward differs from eager"
+        assert ok_bwd, f"rank {rank}: compiled gradient differs from eager"
+        assert in_graph, f"rank {rank}: compiled output is not in the autograd graph"
+
+
+def test_compile_op_inductor(world):
+    """The op itself (what ``t(x)`` lowers to) under inductor: fake impls give static shapes, the
+    registered autograd runs the collective backward. float64: eager and inductor agree to 1e-12
+    (the elementwise ops around the transform may be fused and reordered)."""
+    _check(world(2).run(_compiled_matches_eager, "inductor", False))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Transform.__call__ validates its input through Plan.rank_plan (functools.lru_cache + numpy); "
+    "Dynamo inlines the lru_cache'd builder and traces numpy as tensors, hitting data-dependent "
+    "shapes. Fix in transform.py: skip the eager check under torch.compiler.is_compiling(); the "
+    "fake impl of hpcomm::transform checks instead."))
+def test_compile_transform_call(world):
+    _check(world(2).run(_compiled_matches_eager, "aot_eager", True))
