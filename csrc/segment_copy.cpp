@@ -37,8 +37,7 @@ constexpr int64_t kStreamingMinDstBytes = 16 * 1024 * 1024;
 constexpr int64_t kStreamingMinPieceBytes = 256;
 // Lines (or segments) ahead whose source is prefetched, and how much of each: rows in random order
 // defeat the hardware prefetcher at every row start. Non-temporal hint, as each byte is read once.
-// Measured within noise on the 2-core VM this was tuned on, where random rows are bound by page
-// walks (see bench/bench_kernels.py).
+// Measured within noise (+-5%) on the shared 2-core VM this was tuned on (bench/bench_kernels.py).
 constexpr int64_t kPrefetchAhead = 8;
 constexpr int64_t kPrefetchBytes = 1024;
 constexpr int64_t kCacheLine = 64;

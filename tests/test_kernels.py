@@ -212,8 +212,9 @@ def test_triton_kernel_compiles_for_cuda(arch, dtype, accumulate):
 
     from hpcomm.triton_kernels import segment_copy
 
-    signature = {"src": dtype, "dst": dtype, "table": "*i64", "line_bucket": "i32"}
-    constexprs = {"ACCUMULATE": accumulate, "ROUND_VIA_FLOAT": False, "IS_BF16_BITS": accumulate,
+    signature = {"src": dtype, "dst": dtype, "table": "*i64", "chunk_ends": "*i64", "num_segments": "i32",
+                 "line_bucket": "i32"}
+    constexprs = {"PIECE": 8192, "ACCUMULATE": accumulate, "ROUND_VIA_FLOAT": False, "IS_BF16_BITS": accumulate,
                   "IS_BOOL": False, "BLOCK": 1024}
     source = ASTSource(triton.jit(segment_copy._segment_kernel),
                        {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs)
