@@ -21,7 +21,10 @@ before anything is timed:
   picks, so both move the same bytes);
 - allgather: ``all_gather`` of every rank's shard padded to the largest, then index the local rows;
 - dtensor: ``DTensor.redistribute`` when both layouts are placements on one 1-D mesh over the
-  world (Shard(0) with torch.chunk sizes, Shard(1) of the hidden dim, Replicate), n/a otherwise.
+  world (Shard(0) with torch.chunk sizes, Shard(1) of the hidden dim, Replicate), n/a otherwise;
+- wire (a reference, not a transform): ``all_to_all_single`` of exactly the bytes hpcomm's plan
+  sends to each peer, preallocated, no pack or unpack: what the transport alone costs, so
+  hp/wire shows what hpcomm spends beyond moving its bytes.
 Baselines keep every buffer preallocated across iterations (the best a careful user does); index
 lists are built once, untimed, as hpcomm's plan is.
 
@@ -53,9 +56,10 @@ from hpcomm.launch import World
 from hpcomm.layout import Layout
 from hpcomm.transform import Transform
 
-METHODS = ("hpcomm", "a2a", "allgather", "dtensor")
-BASELINES = METHODS[1:]
-LABEL = {"a2a": "a2a", "allgather": "ag", "dtensor": "dt"}
+METHODS = ("hpcomm", "a2a", "allgather", "dtensor", "wire")
+BASELINES = ("a2a", "allgather", "dtensor")  # compute the transform; verified against hpcomm
+COMPARED = METHODS[1:]  # every method shown as a ratio beside hpcomm
+LABEL = {"a2a": "a2a", "allgather": "ag", "dtensor": "dt", "wire": "wire"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 GRID_KEYS = {"dp", "cp", "tp", "cp_mode", "tp_mode", "dp_assign"}
@@ -304,6 +308,28 @@ def dtensor_placement(layout: Layout, world_size: int, hidden: int):
     return None
 
 
+class Wire:
+    """all_to_all_single of the element counts hpcomm's plan sends and receives per peer."""
+
+    def __init__(self, t: Transform, rank: int, world_size: int, x: torch.Tensor, hidden: int):
+        plan = t.plan.rank_plan(rank)
+        unit = 1 if t.plan.col_mode else hidden
+        self.send_splits, self.recv_splits = [0] * world_size, [0] * world_size
+        for peer, seg in plan.sends:
+            self.send_splits[peer] = seg.units() * unit
+        for peer, seg in plan.recvs:
+            self.recv_splits[peer] = seg.units() * unit
+        self.send_buf = x.new_zeros(sum(self.send_splits))
+        self.recv_buf = x.new_zeros(sum(self.recv_splits))
+
+    def forward(self) -> None:
+        dist.all_to_all_single(self.recv_buf, self.send_buf, self.recv_splits, self.send_splits)
+
+    def forward_backward(self) -> None:
+        self.forward()
+        dist.all_to_all_single(self.send_buf, self.recv_buf, self.send_splits, self.recv_splits)
+
+
 class DTensorRedistribute:
     def __init__(self, src_placement, dst_placement, world_size: int, x: torch.Tensor, shape):
         from torch.distributed.tensor import DTensor, init_device_mesh
@@ -370,7 +396,7 @@ class Prepared:
 
     @property
     def timed(self) -> list[str]:
-        return [m for m in METHODS if m in self.runners and self.verified.get(m)]
+        return [m for m in METHODS if m in self.runners and self.verified.get(m, m == "wire")]
 
 
 def prepare(rank: int, world_size: int, cfg: dict) -> Prepared:
@@ -445,6 +471,10 @@ def prepare(rank: int, world_size: int, cfg: dict) -> Prepared:
             else:
                 runners["dtensor"] = lambda dt=dt: dt.forward(x)
 
+    if "wire" in cfg["methods"]:
+        wire = Wire(t, rank, world_size, x, hidden)
+        runners["wire"] = wire.forward_backward if backward else wire.forward
+
     # verify once: hpcomm against slicing the global tensor, each baseline against hpcomm
     with torch.no_grad():
         y_ref = (t(x, out=torch.empty_like(expected)) if takes_out else t(x)).clone()
@@ -460,7 +490,7 @@ def prepare(rank: int, world_size: int, cfg: dict) -> Prepared:
                 got = runners[name]()
             verified[name] = _all_true(_same(got, ref, exact=not backward), device)
     return Prepared(runners, verified,
-                    {m: reason.get(m, "not requested") for m in BASELINES if m not in runners},
+                    {m: reason.get(m, "not requested") for m in COMPARED if m not in runners},
                     t, device, num_rows * hidden * x_global.element_size(), num_rows * hidden,
                     takes_out)
 
@@ -498,6 +528,7 @@ def run_case(rank: int, world_size: int, cfg: dict) -> dict:
     return {"rows": t.src.num_rows, "hidden": cfg["hidden"], "dtype": cfg["dtype"],
             "size": p.size, "count": p.count, "max_wire_bytes": int(wire.item()),
             "pass": "fwd+bwd" if cfg["backward"] else "fwd", "time_us": median_us,
+            "iteration_us": {m: [v * 1e6 for v in per_iter[i].tolist()] for i, m in enumerate(timed)},
             "verified": p.verified, "na": p.na, "out_arg": p.out_arg}
 
 
@@ -512,13 +543,13 @@ def summarize(result: dict) -> dict:
     result["busbw_factor"] = result["max_wire_bytes"] / size
     result["algbw_GBps"] = {m: size / (us * 1e3) for m, us in t.items()}
     result["busbw_GBps"] = {m: bw * result["busbw_factor"] for m, bw in result["algbw_GBps"].items()}
-    result["ratio"] = {m: t["hpcomm"] / t[m] for m in BASELINES if m in t and "hpcomm" in t}
+    result["ratio"] = {m: t["hpcomm"] / t[m] for m in COMPARED if m in t and "hpcomm" in t}
     return result
 
 
 COLUMNS = (("size(B)", 12), ("count", 10), ("rows", 8), ("pass", 7), ("time(us)", 10),
            ("algbw", 7), ("busbw", 7), ("f", 5)) + tuple(
-    c for m in BASELINES for c in ((f"{LABEL[m]}(us)", 10), (f"hp/{LABEL[m]}", 7))) + (
+    c for m in COMPARED for c in ((f"{LABEL[m]}(us)", 10), (f"hp/{LABEL[m]}", 7))) + (
     ("verified", 9),)
 
 
@@ -532,10 +563,10 @@ def format_row(r: dict) -> str:
     cells = [r["size"], r["count"], r["rows"], r["pass"],
              f"{hp:.1f}" if hp else "FAIL", f"{r['algbw_GBps'].get('hpcomm', 0):.2f}",
              f"{r['busbw_GBps'].get('hpcomm', 0):.2f}", f"{r['busbw_factor']:.2f}"]
-    for m in BASELINES:
+    for m in COMPARED:
         if m in r["na"]:
             cells += ["n/a", "n/a"]
-        elif not r["verified"].get(m):
+        elif not r["verified"].get(m, m == "wire"):
             cells += ["WRONG", "-"]
         else:
             cells += [f"{t[m]:.1f}", f"{r['ratio'][m]:.2f}x" if m in r["ratio"] else "-"]
@@ -633,7 +664,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def case_configs(args) -> list[dict]:
     """One config per (case, size, pass)."""
     if args.preset == "targets":
-        cases = [(name, src, dst, [base]) for name, src, dst, base, _ in TARGETS]
+        cases = [(name, src, dst, [base, "wire"]) for name, src, dst, base, _ in TARGETS]
     else:
         cases = [(f"{args.src} -> {args.dst}", args.src, args.dst, args.methods)]
     if args.seq_lens:
