@@ -171,27 +171,13 @@ def pack(samples: list[Sample], patch: int, max_text: int = 64) -> Batch:
 
 def micro_batches(dataset, step: int, batch_size: int, num_micro: int, patch: int,
                   seed: int) -> list[Batch]:
-    """The global batch of `step` (batch_size samples), split into num_micro packed micro-batches.
-    Sample order is a seeded permutation per epoch for finite datasets, sequential otherwise."""
-    start = step * batch_size
+    """The global batch of `step` (batch_size samples) as num_micro packed micro-batches
+    (tensor_split of the sample list). A finite dataset is read in a seeded permutation per epoch;
+    the synthetic one is infinite and read in order."""
+    indices = torch.arange(step * batch_size, (step + 1) * batch_size)
     if hasattr(dataset, "__len__"):
         n = len(dataset)
-        perm = {}
-
-        def index(i):
-            epoch = i // n
-            if epoch not in perm:
-                perm[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-            return int(perm[epoch][i % n])
-    else:
-        def index(i):
-            return i
-    samples = [dataset[index(i)] for i in range(start, start + batch_size)]
-    return [pack(list(part), patch) for part in _split(samples, num_micro)]
-
-
-def _split(items: list, parts: int) -> list[list]:
-    """torch.tensor_split semantics for a list: the first len % parts parts get one extra."""
-    q, r = divmod(len(items), parts)
-    bounds = [i * q + min(i, r) for i in range(parts + 1)]
-    return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
+        epochs = {int(e): torch.randperm(n, generator=torch.Generator().manual_seed(seed + int(e)))
+                  for e in (indices // n).unique()}
+        indices = torch.stack([epochs[int(i) // n][int(i) % n] for i in indices])
+    return [pack([dataset[int(i)] for i in part], patch) for part in indices.tensor_split(num_micro)]

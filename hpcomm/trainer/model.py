@@ -61,9 +61,9 @@ def identity(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, causal: bool):
+    def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.head_dim, self.causal = dim // heads, causal
+        self.head_dim = dim // heads
         self.wq, self.wk, self.wv = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.wo = nn.Linear(dim, dim, bias=False)
         self.enter = self.exit = self.gather_kv = identity
@@ -91,10 +91,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, causal: bool):
+    def __init__(self, dim: int, heads: int):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn, self.mlp = Attention(dim, heads, causal), MLP(dim)
+        self.attn, self.mlp = Attention(dim, heads), MLP(dim)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), ctx)
@@ -105,13 +105,14 @@ class VisionEncoder(nn.Module):
     """ViT over variable-resolution images: patches of all images packed as rows, learned row and
     column position embeddings, bidirectional attention within each image, then a projector to the
     LLM hidden size."""
+    causal = False  # the kind of mask (packed_mask) its attention context needs
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.patch_embed = nn.Linear(3 * cfg.patch * cfg.patch, cfg.enc_dim)
         self.row_embed = nn.Embedding(cfg.max_grid, cfg.enc_dim)
         self.col_embed = nn.Embedding(cfg.max_grid, cfg.enc_dim)
-        self.blocks = nn.ModuleList(Block(cfg.enc_dim, cfg.enc_heads, causal=False)
+        self.blocks = nn.ModuleList(Block(cfg.enc_dim, cfg.enc_heads)
                                     for _ in range(cfg.enc_layers))
         self.norm = nn.LayerNorm(cfg.enc_dim)
         self.projector = nn.Sequential(nn.Linear(cfg.enc_dim, cfg.llm_dim), nn.GELU(),
@@ -128,12 +129,13 @@ class VisionEncoder(nn.Module):
 class LLM(nn.Module):
     """Decoder-only LM over packed samples. embed() and forward() are separate so the trainer can
     write the image tokens into the input embeddings in between."""
+    causal = True
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.llm_dim)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.llm_dim)
-        self.blocks = nn.ModuleList(Block(cfg.llm_dim, cfg.llm_heads, causal=True)
+        self.blocks = nn.ModuleList(Block(cfg.llm_dim, cfg.llm_heads)
                                     for _ in range(cfg.llm_layers))
         self.norm = nn.LayerNorm(cfg.llm_dim)
         self.head = nn.Linear(cfg.llm_dim, cfg.vocab_size, bias=False)

@@ -143,7 +143,7 @@ def reduce_grads(module: nn.Module, mesh: Mesh) -> None:
     target count, the sum is the full-batch gradient. TP-sharded weights are replicated over DP x
     CP; every other weight over all of the module's ranks (sequence parallelism gives each TP rank
     different rows, so norms and embeddings get partial gradients there too, as in Megatron-SP)."""
-    params = [p for p in module.parameters()]
+    params = list(module.parameters())
     for p in params:
         if p.grad is None:  # a rank that held no rows this step
             p.grad = torch.zeros_like(p)

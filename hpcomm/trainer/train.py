@@ -130,7 +130,7 @@ class Trainer:
             return torch.zeros(0, self.cfg.model.llm_dim, device=self.device)
         batch, mesh = mb.batch, self.enc_mesh
         seq_of_row = torch.repeat_interleave(torch.tensor(batch.patch_counts))
-        ctx = attn_context(mb.enc_layout, mesh, seq_of_row, causal=False)
+        ctx = attn_context(mb.enc_layout, mesh, seq_of_row, self.encoder.causal)
         rows = mb.enc_layout.rows(self.rank)
         return self.encoder(batch.patches[rows].to(self.device),
                             batch.patch_grid[rows].to(self.device), self._on_device(ctx))
@@ -156,7 +156,7 @@ class Trainer:
         """This rank's share of the step loss: summed CE over its rows / the step's target count."""
         batch, mesh = mb.batch, self.llm_mesh
         seq_of_row = torch.repeat_interleave(torch.tensor(batch.seq_lens))
-        ctx = attn_context(mb.llm_layout, mesh, seq_of_row, causal=True)
+        ctx = attn_context(mb.llm_layout, mesh, seq_of_row, self.llm.causal)
         rows = mb.llm_layout.rows(self.rank)
         tokens = batch.tokens[rows].to(self.device)
         # The transform delivers this rank's image rows in its local row order.
@@ -182,7 +182,7 @@ class Trainer:
         batches = micro_batches(self.dataset, step, cfg.batch_size, cfg.micro_batches,
                                 cfg.model.patch, cfg.seed)
         num_targets = sum(b.num_targets for b in batches)
-        mbs = [self._plan(batch) for batch in batches]  # also keeps the transforms alive
+        mbs = [self._plan(batch) for batch in batches]
         loss = torch.zeros((), device=self.device)
         if self.llm is not None:
             for mb in mbs:
