@@ -43,18 +43,19 @@ class Handle:
 
     def wait(self) -> None:
         deadline = time.monotonic() + self._timeout
-        for i, work in enumerate(self._works):
-            remaining = max(deadline - time.monotonic(), 0.001)
+        failed = []
+        # gloo completes a work only inside wait(), so each is waited on in turn; after the first
+        # timeout the rest get a short grace period, to name exactly the peers that are missing
+        for work, (kind, peer) in zip(self._works, self._peers):
             try:
-                work.wait(timedelta(seconds=remaining))
+                work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.05)))
             except RuntimeError as e:
-                # the batch is posted as a whole: what did not complete is still outstanding
-                pending = [f"{kind} {peer}" for w, (kind, peer) in zip(self._works[i:], self._peers[i:])
-                           if not w.is_completed()] or [f"{self._peers[i][0]} {self._peers[i][1]}"]
-                raise TransformError(
-                    f"rank {dist.get_rank()}: {self._what} did not complete within "
-                    f"{self._timeout:g} s; still waiting on {', '.join(pending)} ({e})") from None
+                failed.append((f"{kind} {peer}", e))
         self._works = []
+        if failed:
+            raise TransformError(
+                f"rank {dist.get_rank()}: {self._what} did not complete within {self._timeout:g} s; "
+                f"failed: {', '.join(name for name, _ in failed)} (first error: {failed[0][1]})")
 
 
 def exchange(sends: Messages, recvs: Messages, group=None, timeout: float | None = None,
@@ -63,7 +64,10 @@ def exchange(sends: Messages, recvs: Messages, group=None, timeout: float | None
     ops = [dist.P2POp(dist.isend, t, peer, group) for peer, t in sends]
     ops += [dist.P2POp(dist.irecv, t, peer, group) for peer, t in recvs]
     peers = [("send to", p) for p, _ in sends] + [("receive from", p) for p, _ in recvs]
-    works = dist.batch_isend_irecv(ops) if ops else []
+    try:
+        works = dist.batch_isend_irecv(ops) if ops else []
+    except RuntimeError as e:  # e.g. a peer already gone: gloo fails at posting
+        raise TransformError(f"rank {dist.get_rank()}: {what} could not post its transfers ({e})") from None
     return Handle(works, peers, default_timeout(group) if timeout is None else timeout, what)
 
 

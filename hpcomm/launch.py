@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import time
 import traceback
 from datetime import timedelta
 
@@ -24,10 +25,11 @@ def free_port() -> int:
 
 
 class RemoteError(RuntimeError):
-    """An exception raised on one or more ranks of a World, with their tracebacks."""
+    """An exception raised on one or more ranks of a World (or a rank's process died), with their
+    tracebacks; ``results`` holds what the other ranks returned."""
 
-    def __init__(self, failures: dict[int, str]):
-        self.failures = failures
+    def __init__(self, failures: dict[int, str], results: dict[int, object]):
+        self.failures, self.results = failures, results
         detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
         super().__init__(f"ranks {sorted(failures)} failed:\n{detail}")
 
@@ -79,16 +81,23 @@ class World:
             q.put((fn, args))
         out: dict[int, object] = {}
         failures: dict[int, str] = {}
-        try:
-            for _ in range(self.world_size):
-                rank, ok, value = self._results.get(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while len(out) + len(failures) < self.world_size:
+            try:
+                rank, ok, value = self._results.get(timeout=0.2)
                 (out if ok else failures)[rank] = value
-        except queue.Empty:
-            self.close()
-            raise TimeoutError(f"{fn.__name__} did not finish on all {self.world_size} ranks within "
-                               f"{timeout} s (finished: {sorted(out) + sorted(failures)})") from None
+            except queue.Empty:
+                for r, p in enumerate(self._procs):
+                    if r not in out and r not in failures and not p.is_alive():
+                        failures[r] = f"process exited with code {p.exitcode}"
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise TimeoutError(f"{fn.__name__} did not finish on all {self.world_size} ranks "
+                                       f"within {timeout} s (finished: {sorted(out) + sorted(failures)})")
         if failures:
-            raise RemoteError(failures)
+            if any(not p.is_alive() for p in self._procs):
+                self.close()  # a dead member breaks the process group: start afresh next time
+            raise RemoteError(failures, out)
         return [out[r] for r in range(self.world_size)]
 
     def close(self) -> None:

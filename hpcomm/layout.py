@@ -564,8 +564,61 @@ class Layout:
         return starts[heads], reach[tails] - starts[heads]
 
     @cached_property
-    def holder_index(self) -> HolderIndex:
+    def holder_index(self) -> HolderIndex | ChunkIndex:
+        """Who holds which rows: closed form for the chunked kinds (cost proportional to what is
+        asked, never to the world), a materialized index over every rank's runs otherwise."""
+        k, n = len(self.ranks), self.num_rows
+        if self._kind == "replicated":
+            return ChunkIndex(np.array([n], _I64), 1, lambda s, j: np.zeros_like(j), replicas=k)
+        if self._kind == "contiguous":
+            return ChunkIndex(np.array([n], _I64), k, lambda s, j: j)
+        if self._kind == "dp":
+            owner = self._dp_owner
+            return ChunkIndex(self._lens, 1, lambda s, j: owner[s])
+        if self._kind == "cp":
+            if self._spec[1] == "zigzag":
+                return ChunkIndex(self._lens, 2 * k, lambda s, j: np.minimum(j, 2 * k - 1 - j))
+            return ChunkIndex(self._lens, k, lambda s, j: j)
         return HolderIndex(self)
+
+
+class ChunkIndex:
+    """Holders of a layout made of sequences each tensor_split into ``parts`` chunks, chunk j of
+    sequence s held by the rank at position ``owner(s, j)`` (or by all ``replicas`` positions).
+    Intervals are (sequence, chunk) pairs, numbered ``s * parts + j``."""
+
+    def __init__(self, lens: np.ndarray, parts: int, owner, replicas: int = 0):
+        self.lens, self.parts, self.owner, self.replicas = lens, parts, owner, replicas
+        self.offsets = np.concatenate([[0], np.cumsum(lens)]).astype(_I64)
+
+    def split(self, starts: np.ndarray, ends: np.ndarray):
+        """Cut ranges at chunk bounds: (range index, piece start, piece end, interval)."""
+        ridx, ps, pe, seq = split_at(starts, ends, self.offsets)
+        length, off = self.lens[seq], self.offsets[seq]
+        q, r = length // self.parts, length % self.parts
+        j0 = _chunk_of(ps - off, q, r)
+        j1 = _chunk_of(pe - 1 - off, q, r) + 1
+        counts = j1 - j0
+        piece = np.repeat(np.arange(len(ps), dtype=_I64), counts)
+        j = j0[piece] + np.arange(len(piece), dtype=_I64) - np.repeat(np.cumsum(counts) - counts, counts)
+        qq, rr, oo = q[piece], r[piece], off[piece]
+        c0 = oo + j * qq + np.minimum(j, rr)
+        c1 = c0 + qq + (j < rr)
+        return (ridx[piece], np.maximum(ps[piece], c0), np.minimum(pe[piece], c1),
+                seq[piece] * self.parts + j)
+
+    def holders_of(self, interval: int) -> tuple[int, ...]:
+        if self.replicas:
+            return tuple(range(self.replicas))
+        s, j = divmod(interval, self.parts)
+        return (int(self.owner(np.array([s]), np.array([j]))[0]),)
+
+
+def _chunk_of(pos: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Chunk holding position ``pos`` of a sequence tensor_split into chunks of q+1 (the first r)
+    and q rows."""
+    big = r * (q + 1)
+    return np.where(pos < big, pos // (q + 1), r + (pos - big) // np.maximum(q, 1))
 
 
 class HolderIndex:

@@ -29,6 +29,13 @@ from hpcomm.layout import Layout, split_at
 _I64 = np.int64
 
 
+class _MissingColumns(ValueError):
+    def __init__(self, start: int, stop: int, rank: int):
+        super().__init__(f"columns [{start}, {stop}) of a row of destination rank {rank} are held by "
+                         f"no source rank")
+        self.start, self.stop, self.rank = start, stop, rank
+
+
 @dataclass(frozen=True, eq=False)
 class Segments:
     """Row runs of one local tensor with a column window each: arrays of equal length (int64).
@@ -109,9 +116,11 @@ class Plan:
         self.src, self.dst, self.fill_missing = src, dst, fill_missing
         self.col_mode = src.has_cols or dst.has_cols
         self.num_cols = (src.num_cols if src.has_cols else dst.num_cols) if self.col_mode else 1
+        self._choices: dict = {}
         if not fill_missing:
             self._check_coverage()
-        self._choices: dict = {}
+            if src.has_cols:
+                self._check_column_coverage()
 
     def _check_coverage(self) -> None:
         cs, cl = self.src.covered_runs()
@@ -128,6 +137,30 @@ class Plan:
             holders = [r for r in self.dst.ranks if row in set(self.dst.rows(r).tolist())]
             raise ValueError(f"destination row {row} (held by rank {holders[0]}) is held by no "
                              f"source rank")
+
+    def _check_column_coverage(self) -> None:
+        """Every column a destination wants of a row must be held by some source holder of it."""
+        index = self.src.holder_index
+        dst_index = self.dst.holder_index
+        _, ps, pe, bins = index.split(np.array([0]), np.array([self.src.num_rows]))
+        for start, stop, b in zip(ps.tolist(), pe.tolist(), bins.tolist()):
+            holders = index.holders_of(b)
+            spans = sorted(self.cols_of(self.src, h) for h in holders)
+            reach = 0
+            for c0, c1 in spans:
+                if c0 > reach:
+                    break
+                reach = max(reach, c1)
+            if reach >= self.num_cols or not holders:
+                continue  # complete (or no row here: row coverage is checked separately)
+            _, rows, _, dbins = dst_index.split(np.array([start]), np.array([stop]))
+            for row, db in zip(rows.tolist(), dbins.tolist()):
+                for d in dst_index.holders_of(db):
+                    try:
+                        self.choose(holders, d)
+                    except _MissingColumns as e:
+                        raise ValueError(f"columns [{e.start}, {e.stop}) of row {row} (held by destination "
+                                         f"rank {e.rank}) are held by no source rank") from None
 
     def cols_of(self, layout: Layout, pos: int) -> tuple[int, int]:
         if not self.col_mode:
@@ -162,8 +195,7 @@ class Plan:
             if not covering:
                 if self.fill_missing:
                     continue
-                raise ValueError(f"columns [{a}, {b}) of a row of destination rank "
-                                 f"{self.dst.ranks[dst_pos]} are held by no source rank")
+                raise _MissingColumns(a, b, self.dst.ranks[dst_pos])
             if self.src.partial:
                 out.extend((h, a, b) for h in covering)
             else:

@@ -251,11 +251,13 @@ class Transform:
         table = comm.agree(torch.tensor(fields, dtype=torch.int64), self.ranks, self.group,
                            self.timeout).tolist()
         problems = []
-        ref = table[0]
-        for r, row in zip(self.ranks, table):
-            if row[0] != ref[0] or row[1] != ref[1]:
-                problems.append(f"rank {r} calls a different transform (or direction) than rank "
-                                f"{self.ranks[0]}")
+        keys = [tuple(row[:2]) for row in table]
+        majority = max(keys, key=keys.count)  # name the odd ones out, not the leader
+        agreeing = [r for r, key in zip(self.ranks, keys) if key == majority]
+        for r, row, key in zip(self.ranks, table, keys):
+            if key != majority:
+                problems.append(f"rank {r} calls a different transform (or direction) than ranks "
+                                f"{agreeing}")
             elif row[2]:
                 problems.append(f"rank {r} failed its own input check")
         good = [(r, row) for r, row in zip(self.ranks, table) if not row[2]]

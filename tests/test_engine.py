@@ -1,0 +1,141 @@
+"""Engine features: preallocated and scattered outputs, async calls, wire dtype, zero-copy,
+identity without a copy, buffer reuse, cross-rank validation."""
+
+import torch
+import torch.distributed as dist
+
+from hpcomm import Layout, Transform
+from strategies import shard_all
+
+LENS = [9, 14, 3, 20]
+N = sum(LENS)
+
+
+def x_global(h=6, dtype=torch.float32, seed=0):
+    return torch.randn(N, h, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _local(layout, x, rank):
+    return layout.shard(x, rank) if rank in layout.ranks else x[:0]
+
+
+def test_simulate_into_preallocated_outputs():
+    src, dst = Layout.cp(range(3), LENS), Layout.dp(range(3), LENS, "balanced")
+    t, x = Transform(src, dst), x_global()
+    ys = {r: torch.full((dst.local_num_rows(r), 6), float("nan")) for r in t.ranks}
+    out = t.simulate(shard_all(t, src, x), out=ys)
+    for r in t.ranks:
+        assert out[r] is ys[r] and torch.equal(ys[r], dst.shard(x, r))
+
+
+def test_wire_dtype_rounds_only_what_crosses():
+    src, dst = Layout.cp(range(2), LENS), Layout.contiguous(range(2), N)
+    t, x = Transform(src, dst, wire_dtype=torch.bfloat16), x_global()
+    out = t.simulate(shard_all(t, src, x))
+    for r in dst.ranks:
+        mine = set(src.rows(r).tolist())
+        for i, g in enumerate(dst.rows(r).tolist()):
+            expect = x[g] if g in mine else x[g].bfloat16().float()
+            assert torch.equal(out[r][i], expect)
+
+
+def scatter_into_embeddings(rank, world_size):
+    # the trainer's boundary: encoder rows land at image-token rows of the LLM's input embeddings
+    llm = Layout.cp(range(world_size), LENS, "zigzag")
+    image_rows = torch.tensor([1, 2, 3, 10, 11, 30, 31, 32, 40])
+    enc = Layout.dp(range(world_size), [4, 5], "contiguous")
+    boundary = llm.select(image_rows)
+    t = Transform(enc, boundary)
+    feats = x_global(5)[:len(image_rows)]
+    x = _local(enc, feats, rank).clone().requires_grad_()
+    base = torch.randn(llm.local_num_rows(rank), 5, requires_grad=True)
+    emb = base * 1.0  # a non-leaf, like an embedding lookup's output
+    mine = llm.rows(rank).tolist()
+    out_rows = [mine.index(int(image_rows[j])) for j in boundary.rows(rank).tolist()]
+    y = t(x, out=emb, out_rows=out_rows)
+    same = y is emb
+    weight = torch.randn(emb.shape, generator=torch.Generator().manual_seed(rank))
+    (y * weight).sum().backward()
+    expect = base.detach().clone()
+    expect[out_rows] = boundary.shard(feats, rank)
+    untouched = [i for i in range(len(mine)) if i not in out_rows]
+    # expected encoder gradient: weight rows of every rank at the selected positions
+    dist_weights = [torch.zeros_like(weight) for _ in range(world_size)]
+    dist.all_gather(dist_weights, weight)
+    full = torch.zeros(len(image_rows), 5)
+    for r in range(world_size):
+        for i, j in enumerate(boundary.rows(r).tolist()):
+            full[j] = dist_weights[r][[llm.rows(r).tolist().index(int(image_rows[j]))][0]]
+    return (same, torch.equal(emb.detach(), expect), torch.equal(x.grad, enc.shard(full, rank)),
+            torch.equal(base.grad[untouched], weight[untouched]), bool((base.grad[out_rows] == 0).all()))
+
+
+def test_scatter_into_larger_output_with_autograd(world):
+    for rank, flags in enumerate(world(2).run(scatter_into_embeddings)):
+        assert all(flags), f"rank {rank}: {flags}"
+
+
+def async_overlap(rank, world_size):
+    src, dst = Layout.dp(range(world_size), LENS), Layout.cp(range(world_size), LENS)
+    x = _local(src, x_global(), rank).clone().requires_grad_()
+    pending = Transform(src, dst)(x, async_op=True)
+    busy = torch.randn(64, 64) @ torch.randn(64, 64)  # compute while the transfer is in flight
+    y = pending.wait()
+    y.sum().backward()
+    return torch.equal(y.detach(), dst.shard(x_global(), rank)), bool((x.grad == 1).all()), busy.shape
+
+
+def test_async_call_overlaps_and_differentiates(world):
+    for ok_y, ok_grad, _ in world(2).run(async_overlap):
+        assert ok_y and ok_grad
+
+
+def zero_copy_and_identity(rank, world_size):
+    src, dst = Layout.cp(range(world_size), [64], "contiguous"), Layout.contiguous(range(world_size), 64)
+    lay = Layout.cp(range(world_size), LENS, "zigzag")
+    x = _local(lay, x_global(), rank).clone().requires_grad_()
+    y = Transform(lay, lay)(x)
+    identity = y.data_ptr() == x.data_ptr()
+    y.sum().backward()
+    # a contiguous send goes out as a view of the input, not through the pack buffer
+    big = torch.randn(64, 8)
+    xs = _local(src, big, rank)
+    seen = []
+    original = dist.batch_isend_irecv
+    dist.batch_isend_irecv = lambda ops: seen.extend(op.tensor.data_ptr() for op in ops if op.op is dist.isend) or original(ops)
+    try:
+        t = Transform(Layout.cp(range(world_size), [32, 32], "contiguous"), dst)
+        xs = _local(t.src, big, rank)
+        t(xs)
+        t(xs)
+    finally:
+        dist.batch_isend_irecv = original
+    lo, hi = xs.data_ptr(), xs.data_ptr() + xs.numel() * 4
+    views = all(lo <= p < hi for p in seen)
+    reused = any(t._pool._free.values())
+    return identity, bool((x.grad == 1).all()), views and bool(seen), reused
+
+
+def test_zero_copy_identity_and_buffer_reuse(world):
+    for rank, (identity, grad_ok, views, reused) in enumerate(world(2).run(zero_copy_and_identity)):
+        assert identity, f"rank {rank}: identity transform copied"
+        assert grad_ok and views, rank
+        assert reused, f"rank {rank}: buffers were not returned to the pool"
+
+
+def validation_catches_disagreement(rank, world_size):
+    src, dst = Layout.cp(range(world_size), LENS), Layout.contiguous(range(world_size), N)
+    x = _local(src, x_global(), rank)
+    if rank == 2:
+        x = x.double()
+    try:
+        Transform(src, dst, validate=True, timeout=20)(x)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_validation_raises_the_same_error_everywhere(world):
+    messages = world(4).run(validation_catches_disagreement)
+    for rank, msg in enumerate(messages):
+        assert "rank 2 passes torch.float64, rank 0 passes torch.float32" in msg, (rank, msg)
