@@ -691,11 +691,6 @@ def case_configs(args) -> list[dict]:
 def run_all(cfgs: list[dict], world_size: int) -> list[dict]:
     """Every case on the torchrun world (RANK set) or a fresh local gloo world; rows in order."""
     if "RANK" in os.environ:
-        if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, timeout=timedelta(seconds=600))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         rank = dist.get_rank()
         comm = f"{dist.get_backend()}, torchrun"
         device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
@@ -764,6 +759,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"hpcomm-bench: {e}", file=sys.stderr)
         return 2
+    owns_group = "RANK" in os.environ and not dist.is_initialized()
+    if owns_group:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=timedelta(seconds=600))
     results = run_all(cfgs, world_size)
     is_root = not dist.is_initialized() or dist.get_rank() == 0
     if is_root:
@@ -776,6 +777,8 @@ def main(argv=None) -> int:
                 json.dump(results, f, indent=1)
         if args.plot:
             plot(results, args.plot)
+    if owns_group:
+        dist.destroy_process_group()
     ok = all(all(r["verified"].values()) for r in results)
     return 0 if ok else 1
 
