@@ -312,8 +312,7 @@ def _plot(path: str, result: dict) -> None:
 
 def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # Local processes share the cores; one thread each avoids oversubscription.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(1)  # see main()
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         result = train(cfg, rank, world_size, check_parity=args.check_parity, plot=args.plot)
@@ -349,10 +348,20 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = TrainConfig(encoder=ParallelDims.parse(args.encoder), llm=ParallelDims.parse(args.llm),
-                      placement=args.placement, steps=args.steps, micro_batches=args.micro_batches,
-                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, data=args.data)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    try:  # bad degrees fail here, with a usage message, before any process is started
+        cfg = TrainConfig(encoder=ParallelDims.parse(args.encoder), llm=ParallelDims.parse(args.llm),
+                          placement=args.placement, steps=args.steps,
+                          micro_batches=args.micro_batches, batch_size=args.batch_size, lr=args.lr,
+                          seed=args.seed, data=args.data)
+        world_size = int(os.environ["WORLD_SIZE"]) if torchrun else args.nproc
+        if world_size == 1:  # one process: the homogeneous model, whatever the degrees say
+            cfg = replace(cfg, encoder=ParallelDims(), llm=ParallelDims(), placement="colocated")
+        cfg.module_ranks(world_size)
+    except ValueError as e:
+        print(f"hpcomm-train: error: {e}", file=sys.stderr)
+        return 2
+    if torchrun:
         cuda = torch.cuda.is_available()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -366,11 +375,12 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
         failed = args.check_parity and rank == 0 and result["loss_error"] > PARITY_TOLERANCE
         return 1 if failed else 0
+    # Local CPU runs use one intra-op thread per process: the matrices are tiny, and OpenMP
+    # threads spinning against the other processes on a small machine cost up to 50x.
+    torch.set_num_threads(1)
     if args.nproc == 1:
-        cfg = replace(cfg, encoder=ParallelDims(), llm=ParallelDims(), placement="colocated")
         result = train(cfg, check_parity=args.check_parity, plot=args.plot)
         return 1 if args.check_parity and result["loss_error"] > PARITY_TOLERANCE else 0
-    cfg.module_ranks(args.nproc)  # fail early on a bad layout, before spawning
     try:
         mp.spawn(_worker, args=(args.nproc, free_port(), cfg, args), nprocs=args.nproc)
     except mp.ProcessExitedException as e:
