@@ -57,6 +57,11 @@ class TrainConfig:
     data: str | None = None
     model: Config = field(default_factory=Config)
 
+    def __post_init__(self):
+        if not 1 <= self.micro_batches <= self.batch_size:
+            raise ValueError(f"micro-batches ({self.micro_batches}) must be between 1 and the "
+                             f"batch size ({self.batch_size} samples)")
+
     def module_ranks(self, world_size: int) -> tuple[list[int], list[int]]:
         enc, llm = self.encoder.size, self.llm.size
         if self.placement == "colocated":
