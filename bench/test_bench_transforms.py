@@ -29,7 +29,8 @@ _prepared: dict = {}  # per worker process: case name -> benchmark.Prepared
 def case_config(name: str, src: str, dst: str, baseline: str) -> dict:
     return {"case": name, "src": benchmark.parse_spec(src), "dst": benchmark.parse_spec(dst),
             "placement": "colocated", "seq_lens": benchmark.ragged_lens(ROWS, 16), "hidden": 256,
-            "dtype": "float32", "backward": False, "methods": ["hpcomm", baseline], "seed": 0}
+            "dtype": "float32", "backward": False, "methods": ["hpcomm", baseline], "seed": 0,
+            "threads": benchmark.local_threads(4)}
 
 
 def prepare_case(rank, world_size, cfg):

@@ -688,6 +688,13 @@ def case_configs(args) -> list[dict]:
     return out
 
 
+def local_threads(world_size: int) -> int:
+    """Threads per rank of a local world. Its workers import torch before World can set
+    OMP_NUM_THREADS, so each would run as many threads as there are cores; oversubscribed, pack and
+    index_select run ~10x slower. Share the cores out, as torchrun's OMP_NUM_THREADS=1 does."""
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
 def run_all(cfgs: list[dict], world_size: int) -> list[dict]:
     """Every case on the torchrun world (RANK set) or a fresh local gloo world; rows in order."""
     if "RANK" in os.environ:
@@ -700,10 +707,7 @@ def run_all(cfgs: list[dict], world_size: int) -> list[dict]:
         print_fn = print if rank == 0 else (lambda *a, **k: None)
         world = None
     else:
-        # the workers import torch before World can set OMP_NUM_THREADS, so each would run as many
-        # threads as there are cores; oversubscribed, pack and index_select run ~10x slower. Share
-        # the cores out, as torchrun's OMP_NUM_THREADS=1 does.
-        threads = max(1, (os.cpu_count() or 1) // world_size)
+        threads = local_threads(world_size)
         for cfg in cfgs:
             cfg["threads"] = threads
         comm, print_fn = f"gloo, local processes, {threads} thread(s) each", print
