@@ -207,6 +207,24 @@ void accumulate_table(const uint8_t* src, uint8_t* dst, const Table& table) {
   apply_table(src, dst, table, AccumulateLine<T, Add>{});
 }
 
+bool accumulate_defined(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::ScalarType::Float:
+    case at::ScalarType::Double:
+    case at::ScalarType::Half:
+    case at::ScalarType::BFloat16:
+    case at::ScalarType::Char:
+    case at::ScalarType::Byte:
+    case at::ScalarType::Short:
+    case at::ScalarType::Int:
+    case at::ScalarType::Long:
+    case at::ScalarType::Bool:
+      return true;
+    default:
+      return false;
+  }
+}
+
 }  // namespace
 
 void check_segment_args(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& table,
@@ -219,12 +237,8 @@ void check_segment_args(const at::Tensor& src, const at::Tensor& dst, const at::
   TORCH_CHECK_TYPE(table.scalar_type() == at::ScalarType::Long, "table must be int64, got ", table.scalar_type());
   TORCH_CHECK(table.dim() == 2 && table.size(1) == kTableColumns, "table must be [num_segments, 6], got shape ",
               table.sizes());
-  const auto dtype = src.scalar_type();
-  TORCH_CHECK_TYPE(!accumulate || dtype == at::ScalarType::Float || dtype == at::ScalarType::Double || dtype == at::ScalarType::Half ||
-                       dtype == at::ScalarType::BFloat16 || dtype == at::ScalarType::Char || dtype == at::ScalarType::Byte ||
-                       dtype == at::ScalarType::Short || dtype == at::ScalarType::Int || dtype == at::ScalarType::Long ||
-                       dtype == at::ScalarType::Bool,
-                   "accumulate is not defined for ", dtype, " (torch has no add for it); copy is");
+  TORCH_CHECK_TYPE(!accumulate || accumulate_defined(src.scalar_type()), "accumulate is not defined for ",
+                   src.scalar_type(), " (torch has no add for it); copy is");
 }
 
 void check_segment_row(const int64_t* row, int64_t i, int64_t src_numel, int64_t dst_numel) {

@@ -4,8 +4,9 @@
 
 #include <ATen/core/Tensor.h>
 
-#define CHECK_CONTIGUOUS_1D(x) \
-  TORCH_CHECK((x).dim() == 1 && (x).is_contiguous(), #x " must be a flat contiguous 1-D tensor, got shape ", (x).sizes())
+#define CHECK_CONTIGUOUS_1D(x)                                                                       \
+  TORCH_CHECK((x).dim() == 1 && (x).is_contiguous(), #x " must be a flat contiguous 1-D tensor, got shape ", \
+              (x).sizes())
 #define CHECK_SAME_DTYPE(x, y) \
   TORCH_CHECK_TYPE((x).scalar_type() == (y).scalar_type(), #x " and " #y " must share a dtype, got ", \
                    (x).scalar_type(), " and ", (y).scalar_type())
