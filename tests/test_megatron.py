@@ -4,7 +4,7 @@ semantics (DP contiguous samples, zigzag CP chunks, sequence-parallel TP split),
 import pytest
 import torch
 
-from hpcomm import Layout, Transform
+from hpcomm import Transform
 from hpcomm.megatron import megatron_layout, megatron_ranks
 
 LENS = [8, 13, 4, 20, 7]

@@ -1,0 +1,119 @@
+"""Per-rank sequence metadata for attention kernels on a CP or DP destination layout, and padded CP
+layouts for kernels that need every sequence divisible by 2 * CP.
+
+Rows are THD-packed tokens of sequences ``seq_lens`` (sequence s is rows ``offsets[s]`` ..
+``offsets[s] + seq_lens[s] - 1``). ``seq_metadata`` describes a rank's local tensor: which
+sequences it holds pieces of, where each piece starts (``cu_seqlens``), and each row's position
+in its sequence (``position_ids``, for RoPE). With zigzag CP the two chunks of a sequence are
+adjacent in local order, so a sequence is one piece of the local tensor.
+
+``padded_cp`` pads each sequence up to a multiple (default 2 * CP for zigzag, CP for contiguous),
+cuts the padded sequences, and gives the transform a destination layout over the real rows only:
+pad rows are never sent. ``PaddedCP.pad`` writes the transform's output into a zero tensor of the
+padded local size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from hpcomm.layout import Layout, _check_lengths
+
+
+@dataclass(frozen=True)
+class SeqMetadata:
+    """One rank's view of its local rows.
+
+    seq_ids: [pieces] sequences the rank holds rows of, in local order.
+    cu_seqlens: [pieces + 1] int32 offsets of the pieces in the local tensor (varlen attention).
+    position_ids: [local rows] int64 position of each row within its sequence.
+    """
+
+    seq_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    position_ids: torch.Tensor
+
+
+def seq_metadata(layout: Layout, seq_lens: Sequence[int], rank: int) -> SeqMetadata:
+    """Metadata of ``rank``'s local rows in ``layout`` over sequences ``seq_lens``. A sequence
+    split into pieces that are not adjacent in local order appears once per piece."""
+    lens = np.asarray(_check_lengths(seq_lens, "seq_lens"), np.int64)
+    if int(lens.sum()) != layout.num_rows:
+        raise ValueError(f"seq_lens sum to {int(lens.sum())}, but the layout has {layout.num_rows} rows")
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    rows = layout.rows(rank).numpy()
+    seq = np.searchsorted(np.cumsum(lens), rows, "right")
+    new_piece = np.ones(len(rows), bool)
+    new_piece[1:] = seq[1:] != seq[:-1]
+    heads = np.flatnonzero(new_piece)
+    cu = np.append(heads, len(rows)).astype(np.int32)
+    return SeqMetadata(torch.from_numpy(seq[heads].astype(np.int64)), torch.from_numpy(cu),
+                       torch.from_numpy(rows - starts[seq]))
+
+
+@dataclass(frozen=True, eq=False)
+class PaddedCP:
+    """A CP layout over padded sequences and its real-row destination layout.
+
+    layout: over the real rows (``sum(seq_lens)``); rank r holds the real rows of its padded
+      chunks in padded local order. Use it as the transform's destination.
+    padded: the CP layout over the padded rows (``sum(padded_lens)``).
+    """
+
+    seq_lens: tuple[int, ...]
+    padded_lens: tuple[int, ...]
+    padded: Layout
+
+    @cached_property
+    def _real(self) -> tuple[np.ndarray, np.ndarray]:
+        """(is real, real row) for every padded row."""
+        lens, plens = np.asarray(self.seq_lens, np.int64), np.asarray(self.padded_lens, np.int64)
+        seq = np.repeat(np.arange(len(plens)), plens)
+        offset = np.arange(int(plens.sum())) - np.repeat(np.cumsum(plens) - plens, plens)
+        real_start = np.cumsum(lens) - lens
+        return offset < lens[seq], real_start[seq] + offset
+
+    @cached_property
+    def layout(self) -> Layout:
+        is_real, real_row = self._real
+        rows = {}
+        for r in self.padded.ranks:
+            p = self.padded.rows(r).numpy()
+            rows[r] = real_row[p[is_real[p]]]
+        return Layout.from_rows(rows, sum(self.seq_lens))
+
+    def real_positions(self, rank: int) -> torch.Tensor:
+        """[real local rows] int64: where ``rank``'s real rows sit in its padded local tensor."""
+        is_real, _ = self._real
+        return torch.from_numpy(np.flatnonzero(is_real[self.padded.rows(rank).numpy()]))
+
+    def pad(self, y: torch.Tensor, rank: int) -> torch.Tensor:
+        """y: [real local rows, ...] (the transform's output) -> [padded local rows, ...], pad rows
+        zero. Differentiable (the pad rows get no gradient)."""
+        n = self.padded.local_num_rows(rank)
+        index = self.real_positions(rank).to(y.device)
+        if y.shape[0] != len(index):
+            raise ValueError(f"rank {rank}: y has {y.shape[0]} rows, the layout gives it {len(index)}")
+        return y.new_zeros((n, *y.shape[1:])).index_copy(0, index, y)
+
+    def metadata(self, rank: int) -> SeqMetadata:
+        """Metadata of the padded local tensor (pad rows continue their sequence's positions)."""
+        return seq_metadata(self.padded, self.padded_lens, rank)
+
+
+def padded_cp(seq_lens: Sequence[int], ranks: Sequence[int], mode: str = "zigzag",
+              multiple: int | None = None) -> PaddedCP:
+    """Pad every sequence up to a multiple of ``multiple`` (default 2 * CP for zigzag, CP for
+    contiguous) and cut it over ``ranks`` with ``Layout.cp``."""
+    lens = _check_lengths(seq_lens, "seq_lens")
+    k = len(ranks)
+    multiple = (2 * k if mode == "zigzag" else k) if multiple is None else multiple
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+    padded_lens = tuple(-(-n // multiple) * multiple for n in lens)
+    return PaddedCP(lens, padded_lens, Layout.cp(ranks, padded_lens, mode))
