@@ -58,6 +58,8 @@ class TrainConfig:
     model: Config = field(default_factory=Config)
 
     def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not 1 <= self.micro_batches <= self.batch_size:
             raise ValueError(f"micro-batches ({self.micro_batches}) must be between 1 and the "
                              f"batch size ({self.batch_size} samples)")
@@ -116,7 +118,8 @@ class Trainer:
         self.dataset = (ManifestDataset(cfg.data, cfg.model.patch) if cfg.data
                         else SyntheticDataset(cfg.seed, cfg.model.patch))
         self.boundary_seconds = 0.0
-        self.keep_grads = False
+        self.record_first_grads = False  # for parity checks: keep step 0's reduced gradients
+        self.first_grads: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ per micro-batch pieces
 
@@ -206,8 +209,8 @@ class Trainer:
                     y = self._boundary(mbs[i + 1], ahead)
         for module, mesh, opt in self.optimizers:
             reduce_grads(module, mesh)
-        if self.keep_grads:
-            self.grads = {name: p.grad.clone() for name, p in self.named_parameters()}
+        if step == 0 and self.record_first_grads:
+            self.first_grads = {name: p.grad.clone() for name, p in self.named_parameters()}
         for _, _, opt in self.optimizers:
             opt.step()
         seconds = time.perf_counter() - start
@@ -250,14 +253,11 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device=torch.dev
     from tqdm import tqdm
 
     trainer = Trainer(cfg, rank, world_size, device)
-    trainer.keep_grads = check_parity
-    losses, first_grads = [], None
+    trainer.record_first_grads = check_parity
+    losses = []
     bar = tqdm(range(cfg.steps), disable=rank != 0 or not progress, desc="train", leave=False)
     for step in bar:
         stats = trainer.step(step)
-        if step == 0 and check_parity:
-            first_grads = trainer.grads
-            trainer.keep_grads = False
         losses.append(stats.loss)
         if rank == 0 and progress:
             bar.write(f"step {step:4d} | loss {stats.loss:7.4f} | "
@@ -269,17 +269,13 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device=torch.dev
         reference = [None, None]
         if rank == 0:
             ref = Trainer(cfg, device=device)
-            ref.keep_grads = True
-            ref_losses = []
-            for step in range(cfg.steps):
-                ref_losses.append(ref.step(step).loss)
-                if step == 0:
-                    ref_grads, ref.keep_grads = ref.grads, False
-            reference = [ref_losses, {k: v.cpu() for k, v in ref_grads.items()}]
+            ref.record_first_grads = True
+            ref_losses = [ref.step(step).loss for step in range(cfg.steps)]
+            reference = [ref_losses, {k: v.cpu() for k, v in ref.first_grads.items()}]
         if world_size > 1:
             dist.broadcast_object_list(reference, src=0)
         ref_losses, ref_grads = reference
-        errors = grad_error(first_grads, {k: v.to(device) for k, v in ref_grads.items()},
+        errors = grad_error(trainer.first_grads, {k: v.to(device) for k, v in ref_grads.items()},
                             trainer.named_parameters()).to(device)
         if world_size > 1:
             dist.all_reduce(errors, op=dist.ReduceOp.MAX)
