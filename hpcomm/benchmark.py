@@ -589,36 +589,32 @@ def legend(cfg: dict, world_size: int, backend: str) -> list[str]:
 
 
 def plot(results: list[dict], path: str) -> None:
+    """algbw vs size, one panel per case, one line per method (dashed: forward+backward)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (case, pas), rows in _group(results).items():
-        for color, m in enumerate(METHODS):
-            pts = [(r["size"], r["algbw_GBps"][m]) for r in rows if m in r["algbw_GBps"]]
-            if pts:
-                label = f"{m} {pas}" + (f" [{case}]" if len(_group(results)) > 2 else "")
-                ax.plot(*zip(*sorted(pts)), marker="o", label=label, color=f"C{color}",
-                        linestyle="--" if pas == "fwd+bwd" else "-")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("size of the global tensor (bytes)")
-    ax.set_ylabel("algbw (GB/s) = size / time")
-    ax.set_title("hpcomm Transform vs baselines")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4.5), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        for pas in ("fwd", "fwd+bwd"):
+            rows = [r for r in results if r["case"] == case and r["pass"] == pas]
+            for color, m in enumerate(METHODS):
+                pts = sorted((r["size"], r["algbw_GBps"][m]) for r in rows if m in r["algbw_GBps"])
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{m} {pas}", color=f"C{color}",
+                            linestyle="--" if pas == "fwd+bwd" else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("size of the global tensor (bytes)")
+        ax.set_ylabel("algbw (GB/s) = size / time")
+        ax.set_title(case, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _group(results: list[dict]) -> dict:
-    groups: dict = {}
-    for r in results:
-        groups.setdefault((r["case"], r["pass"]), []).append(r)
-    return groups
 
 
 # ---------------------------------------------------------------------------------------------------
