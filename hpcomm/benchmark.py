@@ -691,8 +691,9 @@ def local_threads(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // world_size)
 
 
-def run_all(cfgs: list[dict], world_size: int) -> list[dict]:
-    """Every case on the torchrun world (RANK set) or a fresh local gloo world; rows in order."""
+def run_all(cfgs: list[dict], world_size: int, world: World | None = None) -> list[dict]:
+    """Every case on the torchrun world (RANK set), on ``world``, or on a fresh local gloo world
+    that is closed afterwards; rows in order."""
     if "RANK" in os.environ:
         rank = dist.get_rank()
         comm = f"{dist.get_backend()}, torchrun"
@@ -701,13 +702,14 @@ def run_all(cfgs: list[dict], world_size: int) -> list[dict]:
             cfg["device"] = device
         run = lambda cfg: run_case(rank, world_size, cfg)  # noqa: E731
         print_fn = print if rank == 0 else (lambda *a, **k: None)
-        world = None
+        world = owned = None
     else:
         threads = local_threads(world_size)
         for cfg in cfgs:
             cfg["threads"] = threads
         comm, print_fn = f"gloo, local processes, {threads} thread(s) each", print
-        world = World(world_size, pg_timeout=600)
+        owned = None if world is not None else World(world_size, pg_timeout=600)
+        world = world or owned
         run = lambda cfg: world.run(run_case, cfg, timeout=3600)[0]  # noqa: E731
     results, last_case, explained = [], None, set()
     try:
@@ -727,8 +729,8 @@ def run_all(cfgs: list[dict], world_size: int) -> list[dict]:
                     explained.add((cfg["case"], m, why))
                     print_fn(f"#   {m}: n/a ({why})")
     finally:
-        if world is not None:
-            world.__exit__(None, None, None)
+        if owned is not None:
+            owned.__exit__(None, None, None)
     return results
 
 
@@ -746,7 +748,9 @@ def target_report(results: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
+def main(argv=None, world: World | None = None) -> int:
+    """The CLI; ``world``: an existing local World of ``--nproc`` ranks to run on (tests share
+    one instead of spawning their own)."""
     args = parse_args(argv)
     if args.preset == "targets":
         args.rows, args.hidden, args.dtype, args.placement = 65536, 256, "float32", "colocated"
@@ -765,7 +769,7 @@ def main(argv=None) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=timedelta(seconds=600))
-    results = run_all(cfgs, world_size)
+    results = run_all(cfgs, world_size, world)
     is_root = not dist.is_initialized() or dist.get_rank() == 0
     if is_root:
         if args.preset == "targets":

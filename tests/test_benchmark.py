@@ -1,16 +1,17 @@
-"""Smoke test of the hpcomm-bench CLI: a tiny case on 2 local gloo ranks, in-process, where every
-baseline applies; the table must carry the nccl-tests columns and every method must verify."""
+"""Smoke test of the hpcomm-bench CLI: a tiny case on 2 local gloo ranks (the session's shared
+World), in-process, where every baseline applies; the table must carry the nccl-tests columns and
+every method must verify."""
 
 import json
 
 from hpcomm import benchmark
 
 
-def test_cli_tiny_rows_to_hidden(capsys, tmp_path):
+def test_cli_tiny_rows_to_hidden(capsys, tmp_path, world):
     out_json = tmp_path / "bench.json"
     code = benchmark.main(["--src", "rows=2", "--dst", "tp=2,tp_mode=hidden", "--nproc", "2",
                            "--rows", "256", "--num-seqs", "4", "--hidden", "8", "--warmup", "0",
-                           "--iters", "1", "--backward", "--json", str(out_json)])
+                           "--iters", "1", "--backward", "--json", str(out_json)], world=world(2))
     text = capsys.readouterr().out
     assert code == 0, text
     lines = text.splitlines()
