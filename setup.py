@@ -50,6 +50,19 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+
+def _nccl_wheel():
+    """The NCCL wheel for the CUDA major of the installed torch (cu12 when torch is a CPU build
+    or not importable: the extra then names the common case)."""
+    try:
+        import torch
+
+        major = torch.version.cuda.split(".")[0] if torch.version.cuda else "12"
+    except ImportError:
+        major = "12"
+    return f"nvidia-nccl-cu{major}"
+
+
 setup(
     name="hpcomm",
     version="0.1.0",
@@ -57,6 +70,12 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Typing :: Typed",
+    ],
     packages=find_packages(include=["hpcomm", "hpcomm.*"]) + ["hpcomm.triton_kernels"],
     package_dir={"hpcomm.triton_kernels": "kernels"},
     package_data={"hpcomm": ["py.typed"]},
@@ -65,6 +84,8 @@ setup(
         "test": ["pytest", "hypothesis", "pytest-benchmark", "triton", "pillow", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "train": ["pillow", "matplotlib"],
+        "gpu": [_nccl_wheel(), "triton"],
+        "cupy": ["cupy-cuda12x"],
     },
     entry_points={"console_scripts": [
         "hpcomm-demo=hpcomm.demo:main",
