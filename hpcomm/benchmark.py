@@ -644,8 +644,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", help="hpcomm kernel backend")
     p.add_argument("--json", help="write every row to this file")
     p.add_argument("--plot", help="write algbw vs size (PNG) to this file")
-    p.add_argument("--preset", choices=("targets",), help="the issue's targets: 4 ranks, 64 Ki rows "
-                   "of 1 KiB; prints hp/baseline and PASS/MISS per target")
+    p.add_argument("--preset", choices=("targets",), help="the issue's three CPU targets; fixes 4 "
+                   "ranks, colocated, 64 Ki rows of fp32 x 256 (1 KiB), each case against its "
+                   "target baseline and wire, and prints PASS/MISS per target (--num-seqs, --iters, "
+                   "--warmup, --backward, --json, --plot still apply)")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(METHODS)
