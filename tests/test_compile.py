@@ -59,9 +59,9 @@ def test_compile_op_inductor(world):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "Transform.__call__ validates its input through Plan.rank_plan (functools.lru_cache + numpy); "
-    "Dynamo inlines the lru_cache'd builder and traces numpy as tensors, hitting data-dependent "
-    "shapes. Fix in transform.py: skip the eager check under torch.compiler.is_compiling(); the "
-    "fake impl of hpcomm::transform checks instead."))
+    "Transform.__call__ validates its input (_local_error -> Plan.rank_plan, a functools.lru_cache "
+    "over numpy); Dynamo inlines the lru_cache'd plan builder and traces numpy as tensors, hitting "
+    "data-dependent shapes. Fix in transform.py: skip the eager checks (and validation) under "
+    "torch.compiler.is_compiling(); the fake impl of hpcomm::transform checks instead."))
 def test_compile_transform_call(world):
     _check(world(2).run(_compiled_matches_eager, "aot_eager", True))
