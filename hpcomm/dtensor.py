@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -95,7 +95,8 @@ def _box_rows(box: Box, shape: Sequence[int]) -> np.ndarray:
     return np.ravel_multi_index([g.reshape(-1) for g in grids], lead_shape).astype(np.int64)
 
 
-def _layout(mesh: DeviceMesh, placements: tuple, shape: tuple[int, ...], holds) -> Layout:
+def _layout(mesh: DeviceMesh, placements: tuple, shape: tuple[int, ...],
+            holds: Callable[[tuple[int, ...]], bool]) -> Layout:
     """The row-view layout; ``holds(coord)`` says whether the rank at coord holds its box."""
     if len(shape) == 0:
         raise ValueError("a 0-dim DTensor has no rows")
@@ -161,8 +162,6 @@ def _same_shards(a: Layout, b: Layout) -> bool:
             return False
         ca = a.cols(r) if a.has_cols else (0, width)
         cb = b.cols(r) if b.has_cols else (0, width)
-        if a.has_cols != b.has_cols and width is None:
-            return False
         if a.local_num_rows(r) and ca != cb:
             return False
     return True
@@ -226,7 +225,7 @@ class _NonMember(torch.autograd.Function):
         return DTensor(y.new_empty((0,) * len(shape)), spec, requires_grad=y.requires_grad)
 
     @staticmethod
-    def backward(ctx, grad: DTensor):
+    def backward(ctx, grad: DTensor) -> tuple[torch.Tensor, None, None, None, None]:
         # y is empty: its gradient is too, but it must be a tensor for the transform to run
         return grad.to_local().new_zeros(ctx.y_shape), None, None, None, None
 

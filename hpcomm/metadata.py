@@ -10,7 +10,8 @@ adjacent in local order, so a sequence is one piece of the local tensor.
 ``padded_cp`` pads each sequence up to a multiple (default 2 * CP for zigzag, CP for contiguous),
 cuts the padded sequences, and gives the transform a destination layout over the real rows only:
 pad rows are never sent. ``PaddedCP.pad`` writes the transform's output into a zero tensor of the
-padded local size.
+padded local size; to skip that copy, let the transform write there itself:
+``t(x, out=zeros, out_rows=padded.real_positions(rank))``.
 """
 
 from __future__ import annotations

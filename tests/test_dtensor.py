@@ -7,7 +7,6 @@ Shapes are uneven on purpose (torch.chunk leaves the last ranks short or empty).
 every case and reports failures as strings, so one failing rank cannot leave the others waiting."""
 
 import numpy as np
-import pytest
 import torch
 import torch.distributed as dist
 
