@@ -231,14 +231,13 @@ class _NonMember(torch.autograd.Function):
 
 
 def _row_view(local: torch.Tensor, src: Layout, rank: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The local tensor as the transform's input: [rows, last dim] (rows only for 1-D)."""
-    held = rank in src.ranks and src.local_num_rows(rank) > 0
-    if len(shape) == 1:
-        return local if held else local.new_zeros(0)
-    if not held:
-        c = src.cols(rank) if rank in src.ranks else None
-        return local.new_zeros(0, shape[-1] if c is None else c[1] - c[0])
-    return local.reshape(src.local_num_rows(rank), local.shape[-1])
+    """The local tensor as the transform's input: [rows, last dim] (rows only for 1-D); on a rank
+    outside the source mesh, zero rows of the full width."""
+    if rank not in src.ranks:
+        return local.new_zeros(0) if len(shape) == 1 else local.new_zeros(0, shape[-1])
+    # a reshape even when the shard is empty, so that its (empty) gradient reaches the DTensor
+    rows = src.local_num_rows(rank)
+    return local.reshape(rows) if len(shape) == 1 else local.reshape(rows, local.shape[-1])
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
