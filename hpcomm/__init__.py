@@ -4,10 +4,16 @@ A ``Layout`` says which rows (and column range) of a logical tensor each rank ho
 ``Transform`` moves the tensor from one layout to another and routes its gradient back.
 """
 
+from hpcomm.comm import TransformError
+from hpcomm.dtensor import layout_from_placements, placements_from_layout, redistribute
 from hpcomm.layout import Layout
+from hpcomm.megatron import megatron_layout, megatron_ranks
+from hpcomm.metadata import padded_cp, seq_metadata
 from hpcomm.plan import Plan, get_plan
 from hpcomm.segments import backends
 from hpcomm.transform import Transform
 
-__all__ = ["Layout", "Plan", "Transform", "backends", "get_plan"]
+__all__ = ["Layout", "Plan", "Transform", "TransformError", "backends", "get_plan",
+           "layout_from_placements", "megatron_layout", "megatron_ranks", "padded_cp",
+           "placements_from_layout", "redistribute", "seq_metadata"]
 __version__ = "0.1.0"

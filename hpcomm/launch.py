@@ -14,6 +14,7 @@ import time
 import traceback
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -35,7 +36,9 @@ class RemoteError(RuntimeError):
 
 
 def _worker(rank: int, world_size: int, port: int, tasks, results, pg_timeout: float) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # share the cores among the ranks, as torchrun's OMP_NUM_THREADS=1 does (torch is already
+    # imported here, so the environment variable alone would come too late)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=pg_timeout))
     try:
@@ -95,8 +98,8 @@ class World:
                     raise TimeoutError(f"{fn.__name__} did not finish on all {self.world_size} ranks "
                                        f"within {timeout} s (finished: {sorted(out) + sorted(failures)})")
         if failures:
-            if any(not p.is_alive() for p in self._procs):
-                self.close()  # a dead member breaks the process group: start afresh next time
+            # a failed call may leave messages in flight or a member dead: start afresh next time
+            self.close()
             raise RemoteError(failures, out)
         return [out[r] for r in range(self.world_size)]
 

@@ -117,6 +117,7 @@ class Plan:
         self.col_mode = src.has_cols or dst.has_cols
         self.num_cols = (src.num_cols if src.has_cols else dst.num_cols) if self.col_mode else 1
         self._choices: dict = {}
+        self._adds: dict = {}  # (holders, dst_pos) -> whether some element sums several partials
         if not fill_missing:
             self._check_coverage()
             if src.has_cols:
@@ -190,6 +191,7 @@ class Plan:
         hcols = {h: self.cols_of(self.src, h) for h in holders}
         cuts = sorted({want0, want1} | {c for h in holders for c in hcols[h] if want0 < c < want1})
         out: list[tuple[int, int, int]] = []
+        self._adds[key] = False
         for a, b in zip(cuts[:-1], cuts[1:]):
             covering = [h for h in holders if hcols[h][0] <= a and hcols[h][1] >= b]
             if not covering:
@@ -198,6 +200,7 @@ class Plan:
                 raise _MissingColumns(a, b, self.dst.ranks[dst_pos])
             if self.src.partial:
                 out.extend((h, a, b) for h in covering)
+                self._adds[key] |= len(covering) > 1
             else:
                 h = me if me in covering else covering[dst_pos % len(covering)]
                 out.append((h, a, b))
@@ -221,18 +224,17 @@ class Plan:
     def _build(self, rank: int) -> RankPlan:
         src, dst = self.src, self.dst
         in_src, in_dst = rank in src._rank_pos, rank in dst._rank_pos
-        recvs, local_pairs, zero_fill = self._receiver(rank) if in_dst else ({}, [], False)
+        recvs, local_pairs, zero_fill, adds = self._receiver(rank) if in_dst else ({}, [], False, False)
         sends = self._sender(rank) if in_src else {}
         in_rows, out_rows = src.local_num_rows(rank), dst.local_num_rows(rank)
         local = _local_segments(local_pairs)
         order: tuple[int, ...] = ()
-        if src.partial and in_dst:
+        if adds:  # contributions are added in source-rank order; otherwise each lands once: a copy
             contributors = set(recvs) | ({rank} if len(local[0]) else set())
             order = tuple(r for r in src.ranks if r in contributors)
         return RankPlan(rank, in_rows, out_rows, self.width(src, rank), self.width(dst, rank),
                         sends=tuple(sorted(sends.items())), recvs=tuple(sorted(recvs.items())),
-                        local=local, accumulate=src.partial, zero_fill=zero_fill or src.partial,
-                        order=order)
+                        local=local, accumulate=adds, zero_fill=zero_fill or adds, order=order)
 
     def _receiver(self, rank: int):
         """What ``rank`` receives (per peer, wire order) and copies locally, as destination."""
@@ -244,7 +246,14 @@ class Plan:
         local_off = np.cumsum(lengths) - lengths
         ridx, ps, pe, bins = index.split(starts, starts + lengths)
         dst_rows = local_off[ridx] + (ps - starts[ridx])
-        entries = self._expand(bins, lambda b: self.choose(index.holders_of(b), dpos))
+        keys = []
+
+        def choice(b):
+            keys.append((index.holders_of(b), dpos))
+            return self.choose(*keys[-1])
+
+        entries = self._expand(bins, choice)
+        adds = any(self._adds[k] for k in keys)
         piece, holder, c0, c1 = entries
         dc1 = self.cols_of(dst, dpos)[1]
         got = np.bincount(piece, (pe[piece] - ps[piece]) * (c1 - c0), len(ps))
@@ -267,7 +276,7 @@ class Plan:
             else:
                 recvs[peer] = _wire_order(dst_rows[p], pe[p] - ps[p], c0[sel] - dc0,
                                           c1[sel] - c0[sel], ps[p], c0[sel])
-        return recvs, local_pairs, zero_fill
+        return recvs, local_pairs, zero_fill, adds
 
     def _sender(self, rank: int) -> dict[int, Segments]:
         """What ``rank`` sends to each peer (wire order), as a source holder."""

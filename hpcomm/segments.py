@@ -76,12 +76,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend {backend!r} is not available in this build; available: "
                          f"{sorted(_BACKENDS)}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' needs CUDA tensors, got {device.type} tensors")
+    if backend == "cpp" and device.type != "cpu":
+        raise ValueError(f"backend 'cpp' needs CPU tensors, got {device.type} tensors")
+    if backend == "triton" and not triton_usable_on(device):
+        raise ValueError("backend 'triton' runs on CPU tensors only under TRITON_INTERPRET=1 "
+                         "(set it before importing triton)")
     return backend
 
 
 def copy_segments(src: torch.Tensor, dst: torch.Tensor, table: torch.Tensor, accumulate: bool = False,
                   backend: str = "torch") -> None:
     """Apply a segment table (see module docstring). src, dst: flat contiguous, same dtype and device."""
+    _load_optional_backends()
     _BACKENDS[backend](src, dst, table, accumulate)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -35,6 +36,7 @@ class _Job:
     sends: list
     recvs: list
     wire_recvs: list  # (wire tensor, destination view) pairs when a wire dtype casts on arrival
+    lowered: bool  # one all_to_all_single of the whole buffers instead of grouped send/recv
 
 
 class Transform:
@@ -65,21 +67,27 @@ class Transform:
     timeout: seconds a call waits for its peers before raising on this rank (default: the process
       group's timeout).
     zero_copy: send contiguous messages as views and receive in place (on by default).
+    collectives: "auto" lowers a call to one all_to_all_single (all-to-all-v) when the
+      transform's ranks are exactly the group's members; "off" always uses grouped send/recv.
+      Both move the same bytes and give bitwise-identical results.
     """
 
     def __init__(self, src: Layout, dst: Layout, group=None, backend: str = "auto", grad: str = "sum",
                  wire_dtype: torch.dtype | None = None, validate: bool | None = None,
-                 timeout: float | None = None, zero_copy: bool = True):
+                 timeout: float | None = None, zero_copy: bool = True, collectives: str = "auto"):
         if grad not in GRAD_MODES:
             raise ValueError(f"unknown grad mode {grad!r}; expected one of {', '.join(GRAD_MODES)}")
         if backend not in ("auto", "torch", "cpp", "cuda", "triton"):
             raise ValueError(f"unknown backend {backend!r}; expected auto, torch, cpp, cuda or triton")
         if wire_dtype is not None and not isinstance(wire_dtype, torch.dtype):
             raise TypeError(f"wire_dtype must be a torch.dtype, got {wire_dtype!r}")
+        if collectives not in ("auto", "off"):
+            raise ValueError(f"unknown collectives mode {collectives!r}; expected auto or off")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.src, self.dst, self.group, self.backend, self.grad = src, dst, group, backend, grad
         self.wire_dtype, self.timeout, self.zero_copy = wire_dtype, timeout, zero_copy
+        self.collectives, self._lower = collectives, None
         self.validate = os.environ.get("HPCOMM_VALIDATE") == "1" if validate is None else validate
         self.plan = get_plan(src, dst)
         self._grad_plan = None if grad == "adjoint" else get_plan(dst.as_partial(), src.as_partial(False),
@@ -102,6 +110,13 @@ class Transform:
         whose rows ``out_rows`` receive the shard; it is written in place and returned. With
         ``async_op`` the call returns a handle at once; its ``wait()`` returns the result (compute
         in between overlaps the transfer; do not modify ``x`` or ``out`` until then)."""
+        if not isinstance(x, torch.Tensor) and hasattr(x, "__dlpack__"):
+            return self._call_array(x, out, out_rows)
+        if torch.compiler.is_compiling() and out is None and not async_op:
+            # Dynamo would trace the host-side checks and cached numpy plans instead of calling
+            # them; the op's fake implementation runs the same checks at trace time
+            anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
+            return ops.transform(x, anchor, self._handle)
         rank = self._rank()
         error = self._local_error(x, rank, backward=False)
         if error is None and out is not None:
@@ -117,8 +132,8 @@ class Transform:
             if self._materialize(x, rank, False).identity:
                 return _Alias.apply(x, anchor, self)
             return ops.transform(x, anchor, self._handle)
-        job = self._start(x, rank, False, out, out_rows)
-        handle = comm.exchange(job.sends, job.recvs, self.group, self.timeout, "transform")
+        job = self._start(x, rank, False, out, out_rows, lowered=self._lowered())
+        handle = self._post(job, "transform")
         rows = None if out_rows is None else torch.as_tensor(out_rows, device=job.out.device)
 
         def wait() -> torch.Tensor:
@@ -126,6 +141,15 @@ class Transform:
             return _Into.apply(x, anchor, job.out, self, rows, lambda: self._complete(job))
 
         return _Pending(wait) if async_op else wait()
+
+    def _call_array(self, x, out, out_rows):
+        """DLPack arrays (cupy on GPU, numpy on CPU): the same transform, zero-copy in and out, with
+        an array of the caller's library back (no autograd: arrays have none)."""
+        library = sys.modules[type(x).__module__.split(".")[0]]
+        with torch.no_grad():
+            y = self(torch.from_dlpack(x), out=None if out is None else torch.from_dlpack(out),
+                     out_rows=out_rows)
+        return out if out is not None else library.from_dlpack(y)
 
     def simulate(self, inputs: Mapping[int, torch.Tensor],
                  out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
@@ -279,12 +303,24 @@ class Transform:
 
     # -- execution ------------------------------------------------------------------------------------
 
-    def _materialize(self, x: torch.Tensor, rank: int, backward: bool, row_map=None) -> engine.Exec:
+    def _lowered(self) -> bool:
+        """Whether calls use one all_to_all_single instead of grouped send/recv: only when the
+        transform's ranks are exactly the group's members (a collective needs all of them), a
+        decision every rank makes alike from the layouts and the group."""
+        if self._lower is None:
+            members = sorted(dist.get_process_group_ranks(self.group or dist.group.WORLD))
+            self._lower = self.collectives == "auto" and members == sorted(self.ranks) and len(members) > 1
+        return self._lower
+
+    def _materialize(self, x: torch.Tensor, rank: int, backward: bool, row_map=None,
+                     lowered: bool = False) -> engine.Exec:
         plan, outer, w_in, w_out, _ = self._geometry(x, rank, backward)
         casts = self.wire_dtype is not None and self.wire_dtype != x.dtype
-        return engine.materialize(plan, outer, w_in, w_out, row_map, self.zero_copy and not casts)
+        zero_copy = self.zero_copy and not casts and not lowered  # a collective wants one buffer
+        return engine.materialize(plan, outer, w_in, w_out, row_map, zero_copy)
 
-    def _start(self, x: torch.Tensor, rank: int, backward: bool, out=None, out_rows=None) -> _Job:
+    def _start(self, x: torch.Tensor, rank: int, backward: bool, out=None, out_rows=None,
+               lowered: bool = False) -> _Job:
         """Pack and lay out the messages of one call (nothing is sent yet)."""
         out_shape = self._geometry(x, rank, backward)[4]
         if backward and self.grad == "mean":
@@ -294,7 +330,7 @@ class Transform:
             rows = np.asarray(torch.as_tensor(out_rows).cpu().numpy(), np.int64)
             starts, lengths = runs_from_rows(rows)
             row_map = (tuple(starts.tolist()), tuple(lengths.tolist()))
-        exe = self._materialize(x, rank, backward, row_map)
+        exe = self._materialize(x, rank, backward, row_map, lowered)
         x_flat = x.contiguous().view(-1)
         if out is None:
             out = x_flat.new_empty(out_shape)
@@ -302,13 +338,25 @@ class Transform:
         send_buf = self._pool.take(exe.send_numel, x.dtype, x.device)
         recv_buf = self._pool.take(exe.recv_numel, x.dtype, x.device)
         sends, recvs = engine.post_messages(exe, x_flat, out.view(-1), send_buf, recv_buf, backend)
+        if lowered:  # the buffers are the messages back to back in peer (= group rank) order
+            sends, recvs = [(None, send_buf)], [(None, recv_buf)]
         wire_recvs = []
         if self.wire_dtype is not None and self.wire_dtype != x.dtype:
             sends = [(p, t.to(self.wire_dtype)) for p, t in sends]
             wire_recvs = [(torch.empty(t.numel(), dtype=self.wire_dtype, device=t.device), t)
                           for _, t in recvs]
             recvs = [(p, w) for (p, _), (w, _) in zip(recvs, wire_recvs)]
-        return _Job(exe, x_flat, out, backend, send_buf, recv_buf, sends, recvs, wire_recvs)
+        return _Job(exe, x_flat, out, backend, send_buf, recv_buf, sends, recvs, wire_recvs, lowered)
+
+    def _post(self, job: _Job, what: str) -> comm.Handle:
+        if not job.lowered:
+            return comm.exchange(job.sends, job.recvs, self.group, self.timeout, what)
+        members = sorted(dist.get_process_group_ranks(self.group or dist.group.WORLD))
+        send_sizes = dict((m.peer, m.numel) for m in job.exe.sends)
+        recv_sizes = dict((m.peer, m.numel) for m in job.exe.recvs)
+        return comm.all_to_all(job.sends[0][1], [send_sizes.get(r, 0) for r in members],
+                               job.recvs[0][1], [recv_sizes.get(r, 0) for r in members],
+                               self.group, self.timeout, what)
 
     def _complete(self, job: _Job) -> torch.Tensor:
         for wire, view in job.wire_recvs:
@@ -320,9 +368,8 @@ class Transform:
 
     def _run(self, x: torch.Tensor, backward: bool) -> torch.Tensor:
         rank = self._rank()
-        job = self._start(x, rank, backward)
-        comm.exchange(job.sends, job.recvs, self.group, self.timeout,
-                      "transform backward" if backward else "transform").wait()
+        job = self._start(x, rank, backward, lowered=self._lowered())
+        self._post(job, "transform backward" if backward else "transform").wait()
         return self._complete(job)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -108,22 +108,26 @@ def test_no_grad_builds_no_graph(world):
     assert world(2).run(no_grad_forward) == [(False, True)] * 2
 
 
-def count_bytes(rank, world_size, name):
+def count_bytes(rank, world_size, name, collectives):
     src, dst = case(name, world_size)
     x_global, _ = global_tensors(torch.float32)
     sent = []
-    original = dist.batch_isend_irecv
+    grouped, all_to_all = dist.batch_isend_irecv, dist.all_to_all_single
 
-    def counting(ops):
+    def counting_grouped(ops):
         sent.extend(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
-        return original(ops)
+        return grouped(ops)
 
-    dist.batch_isend_irecv = counting
+    def counting_all_to_all(output, input, output_split_sizes, input_split_sizes, **kwargs):
+        sent.append(sum(input_split_sizes) * input.element_size())
+        return all_to_all(output, input, output_split_sizes, input_split_sizes, **kwargs)
+
+    dist.batch_isend_irecv, dist.all_to_all_single = counting_grouped, counting_all_to_all
     try:
-        Transform(src, dst)(_local(src, x_global, rank))
+        y = Transform(src, dst, collectives=collectives)(_local(src, x_global, rank))
     finally:
-        dist.batch_isend_irecv = original
-    return sum(sent)
+        dist.batch_isend_irecv, dist.all_to_all_single = grouped, all_to_all
+    return sum(sent), torch.equal(y, _local(dst, x_global, rank))
 
 
 def minimum_bytes(src, dst):
@@ -140,8 +144,29 @@ def minimum_bytes(src, dst):
     return total
 
 
+@pytest.mark.parametrize("collectives", ["off", "auto"])
 @pytest.mark.parametrize("name,world_size", [
     ("dp_to_cp_tp", 4), ("rows_to_hidden", 4), ("noncolocated_replicated", 4)])
-def test_bytes_on_the_wire_are_minimal(world, name, world_size):
-    sent = world(world_size).run(count_bytes, name)
-    assert sum(sent) == minimum_bytes(*case(name, world_size))
+def test_bytes_on_the_wire_are_minimal(world, name, world_size, collectives):
+    # "auto" lowers the colocated cases to one all_to_all_single; both paths move the minimum
+    results = world(world_size).run(count_bytes, name, collectives)
+    assert all(ok for _, ok in results)
+    assert sum(sent for sent, _ in results) == minimum_bytes(*case(name, world_size))
+
+
+def lowered_vs_grouped(rank, world_size, name):
+    src, dst = case(name, world_size)
+    x_global, gy_global = global_tensors()
+    out = []
+    for collectives in ("off", "auto"):
+        x = _local(src, x_global, rank).clone().requires_grad_(rank in src.ranks)
+        y = Transform(src, dst, collectives=collectives)(x)
+        torch.autograd.backward(y, _local(dst, gy_global, rank))
+        out.append((y.detach(), x.grad))
+    (y0, g0), (y1, g1) = out
+    return torch.equal(y0, y1) and (g0 is None and g1 is None or torch.equal(g0, g1))
+
+
+@pytest.mark.parametrize("name", ["dp_to_cp_tp", "rows_to_hidden", "zigzag_to_contiguous"])
+def test_lowered_and_grouped_paths_agree_bitwise(world, name):
+    assert all(world(4).run(lowered_vs_grouped, name))
