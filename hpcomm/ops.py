@@ -107,9 +107,12 @@ def _(x, table, numel):
 
 @torch.library.custom_op("hpcomm::unpack", mutates_args=())
 def unpack(buf: torch.Tensor, table: torch.Tensor, numel: int) -> torch.Tensor:
-    """buf: flat; table: [segments, 6] from the buffer into a new zero-filled flat [numel]."""
+    """buf: flat; table: [segments, 6] from the buffer into a new zero-filled flat [numel].
+    Segments whose destinations overlap add up, one group after another in table order, so
+    unpack is exactly the transpose of pack (an element packed twice gets both gradients)."""
     out = buf.new_zeros(numel)
-    _apply(buf.contiguous(), out, table, False)
+    for layer in _layers(table):
+        _apply(buf.contiguous(), out, layer, True)
     return out
 
 
@@ -122,46 +125,38 @@ _SWAP = [1, 0, 2, 3, 5, 4]  # a table read backwards: destination and source col
 
 
 def _layers(table: torch.Tensor) -> list[torch.Tensor]:
-    """Split a table into groups whose destinations (after swapping) are disjoint, so gradients of
-    an element read several times are added one group after the other, deterministically."""
+    """Split a table into groups of segments with disjoint destinations (the kernel contract),
+    keeping table order within and across groups."""
     rows = table.tolist()
-    spans = [(r[0], r[0] + (r[2] - 1) * r[4] + r[3]) if r[2] and r[3] else None for r in rows]
+    spans = [(r[1], r[1] + (r[2] - 1) * r[5] + r[3]) if r[2] and r[3] else None for r in rows]
     layers: list[list[int]] = []
-    ends: list[list[tuple[int, int]]] = []
+    taken: list[list[tuple[int, int]]] = []
     for i, span in enumerate(spans):
-        for k, taken in enumerate(ends):
-            if span is None or all(span[1] <= a or b <= span[0] for a, b in taken):
+        for k, spans_k in enumerate(taken):
+            if span is None or all(span[1] <= a or b <= span[0] for a, b in spans_k):
                 layers[k].append(i)
                 if span is not None:
-                    taken.append(span)
+                    spans_k.append(span)
                 break
         else:
             layers.append([i])
-            ends.append([span] if span is not None else [])
-    return [table[idx][:, _SWAP] for idx in layers]
+            taken.append([span] if span is not None else [])
+    return [table[idx] for idx in layers]
 
 
-def _pack_setup(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     ctx.table, ctx.numel = inputs[1], inputs[0].numel()
 
 
 def _pack_grad(ctx, grad):
-    # pack's backward is unpack with accumulation (an element sent to several peers sums)
-    out = grad.new_zeros(ctx.numel)
-    for layer in _layers(ctx.table):
-        backend = segments.resolve_backend("auto", grad.device)
-        segments.copy_segments(grad.contiguous(), out, layer.to(grad.device), True, backend)
-    return out, None, None
-
-
-def _unpack_setup(ctx, inputs, output):
-    ctx.table, ctx.numel = inputs[1], inputs[0].numel()
+    # pack's backward is unpack: what was gathered is scattered back, adding repeated reads
+    return unpack(grad.contiguous(), ctx.table[:, _SWAP].contiguous(), ctx.numel), None, None
 
 
 def _unpack_grad(ctx, grad):
-    # unpack's backward is pack: each buffer element was written to exactly one place
+    # unpack's backward is pack: each output element gathers the gradient of what it received
     return pack(grad.contiguous(), ctx.table[:, _SWAP].contiguous(), ctx.numel), None, None
 
 
-pack.register_autograd(_pack_grad, setup_context=_pack_setup)
-unpack.register_autograd(_unpack_grad, setup_context=_unpack_setup)
+pack.register_autograd(_pack_grad, setup_context=_setup)
+unpack.register_autograd(_unpack_grad, setup_context=_setup)
