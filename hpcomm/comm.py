@@ -38,8 +38,10 @@ class Handle:
     """Outstanding transfers of one exchange; ``wait`` blocks until all are done, or raises
     TransformError naming the peers still outstanding once ``timeout`` seconds have passed."""
 
-    def __init__(self, works: list, peers: list[tuple[str, int]], timeout: float, what: str):
+    def __init__(self, works: list, peers: list[tuple[str, int]], timeout: float, what: str,
+                 device_wait: bool = False):
         self._works, self._peers, self._timeout, self._what = works, peers, timeout, what
+        self._device_wait = device_wait
 
     def wait(self) -> None:
         deadline = time.monotonic() + self._timeout
@@ -48,7 +50,12 @@ class Handle:
         # timeout the rest get a short grace period, to name exactly the peers that are missing
         for work, (kind, peer) in zip(self._works, self._peers):
             try:
-                work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.05)))
+                if self._device_wait:
+                    # NCCL: wait() only orders the current stream after the transfer (the host
+                    # goes on); the process group's watchdog enforces its timeout
+                    work.wait()
+                else:
+                    work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.05)))
             except RuntimeError as e:
                 failed.append((f"{kind} {peer}", e))
         self._works = []
@@ -68,7 +75,8 @@ def exchange(sends: Messages, recvs: Messages, group=None, timeout: float | None
         works = dist.batch_isend_irecv(ops) if ops else []
     except RuntimeError as e:  # e.g. a peer already gone: gloo fails at posting
         raise TransformError(f"rank {dist.get_rank()}: {what} could not post its transfers ({e})") from None
-    return Handle(works, peers, default_timeout(group) if timeout is None else timeout, what)
+    on_gpu = any(t.is_cuda for _, t in list(sends) + list(recvs))
+    return Handle(works, peers, default_timeout(group) if timeout is None else timeout, what, on_gpu)
 
 
 def all_to_all(send_buf: torch.Tensor, send_sizes: list[int], recv_buf: torch.Tensor,
@@ -82,7 +90,7 @@ def all_to_all(send_buf: torch.Tensor, send_sizes: list[int], recv_buf: torch.Te
     except RuntimeError as e:
         raise TransformError(f"rank {dist.get_rank()}: {what} could not post its all-to-all ({e})") from None
     return Handle([work], [("all-to-all with", "the group")], default_timeout(group) if timeout is None
-                  else timeout, what)
+                  else timeout, what, send_buf.is_cuda)
 
 
 def simulate_exchange(sends: Mapping[int, Messages], recvs: Mapping[int, Messages]) -> None:
