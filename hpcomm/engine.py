@@ -188,21 +188,19 @@ def post_messages(exe: Exec, x_flat: torch.Tensor, out_flat: torch.Tensor, send_
         out_flat.zero_()
     if len(exe.pack_table):
         _apply(x_flat, send_buf, exe.pack_table, False, backend)
-    sends, pos = [], 0
-    for m in exe.sends:
+    return _places(exe.sends, x_flat, send_buf), _places(exe.recvs, out_flat, recv_buf)
+
+
+def _places(messages, tensor: torch.Tensor, buf: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """Where each message lives: a view of the tensor (zero-copy), or its slice of the buffer."""
+    out, pos = [], 0
+    for m in messages:
         if m.view_offset is not None:
-            sends.append((m.peer, x_flat[m.view_offset:m.view_offset + m.numel]))
+            out.append((m.peer, tensor[m.view_offset:m.view_offset + m.numel]))
         else:
-            sends.append((m.peer, send_buf[pos:pos + m.numel]))
+            out.append((m.peer, buf[pos:pos + m.numel]))
             pos += m.numel
-    recvs, pos = [], 0
-    for m in exe.recvs:
-        if m.view_offset is not None:
-            recvs.append((m.peer, out_flat[m.view_offset:m.view_offset + m.numel]))
-        else:
-            recvs.append((m.peer, recv_buf[pos:pos + m.numel]))
-            pos += m.numel
-    return sends, recvs
+    return out
 
 
 def finish(exe: Exec, x_flat: torch.Tensor, recv_buf: torch.Tensor, out_flat: torch.Tensor,
