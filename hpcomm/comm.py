@@ -79,18 +79,18 @@ def exchange(sends: Messages, recvs: Messages, group=None, timeout: float | None
     return Handle(works, peers, default_timeout(group) if timeout is None else timeout, what, on_gpu)
 
 
-def all_to_all(send_buf: torch.Tensor, send_sizes: list[int], recv_buf: torch.Tensor,
-               recv_sizes: list[int], group=None, timeout: float | None = None,
+def collective(op, args: tuple, group=None, timeout: float | None = None,
                what: str = "transform") -> Handle:
-    """The same transfer as ``exchange`` when every group member takes part: one all-to-all-v of
-    the buffers, sizes per group rank (collective algorithms beat point-to-point under NCCL)."""
+    """Post one collective (all_to_all_single, all_gather_into_tensor, broadcast) over the group:
+    the same transfer as ``exchange`` when every member takes part, and NCCL's algorithms beat
+    point to point."""
     try:
-        work = dist.all_to_all_single(recv_buf, send_buf, recv_sizes, send_sizes, group=group,
-                                      async_op=True)
+        work = op(*args, group=group, async_op=True)
     except RuntimeError as e:
-        raise TransformError(f"rank {dist.get_rank()}: {what} could not post its all-to-all ({e})") from None
-    return Handle([work], [("all-to-all with", "the group")], default_timeout(group) if timeout is None
-                  else timeout, what, send_buf.is_cuda)
+        raise TransformError(f"rank {dist.get_rank()}: {what} could not post its {op.__name__} "
+                             f"({e})") from None
+    return Handle([work], [(op.__name__, "over the group")], default_timeout(group) if timeout is None
+                  else timeout, what, args[0].is_cuda)
 
 
 def simulate_exchange(sends: Mapping[int, Messages], recvs: Mapping[int, Messages]) -> None:

@@ -27,7 +27,7 @@ _DEVICE_TYPES = ["cpu", "cuda", "meta", "xpu", "mps"]
 class _Job:
     """One rank's transform in flight: buffers, posted messages, and where the result goes."""
 
-    exe: engine.Exec
+    exe: engine.Exec | None  # None for a whole-row collective (no pack, no unpack)
     x_flat: torch.Tensor
     out: torch.Tensor
     backend: str
@@ -35,8 +35,8 @@ class _Job:
     recv_buf: torch.Tensor
     sends: list
     recvs: list
-    wire_recvs: list  # (wire tensor, destination view) pairs when a wire dtype casts on arrival
-    lowered: bool  # one all_to_all_single of the whole buffers instead of grouped send/recv
+    transport: str  # "grouped", "all_to_all", "all_gather" or "broadcast"
+    rows: torch.Tensor | None  # out_rows, when a whole-row collective staged the shard
 
 
 class Transform:
@@ -59,17 +59,19 @@ class Transform:
     backend: "auto" | "torch" | "cpp" | "cuda" | "triton": the pack/unpack/local-copy kernels.
     group: the process group carrying the transfer (default: the world); it must contain every
       rank of src and dst. Ranks are global ranks.
-    wire_dtype: dtype on the wire (e.g. torch.bfloat16 for fp32 activations); received rows are
-      cast back, rows copied locally keep full precision.
+    wire_dtype: dtype on the wire (e.g. torch.bfloat16 for fp32 activations): pack converts to it
+      and unpack back, in the same pass; rows copied locally keep full precision.
     validate: before each call, participants exchange a fingerprint (layouts, direction, dtype,
       trailing shape, device type, local-input check) and every rank raises the same error if they
       disagree. Default: off, unless the environment sets HPCOMM_VALIDATE=1.
     timeout: seconds a call waits for its peers before raising on this rank (default: the process
       group's timeout).
     zero_copy: send contiguous messages as views and receive in place (on by default).
-    collectives: "auto" lowers a call to one all_to_all_single (all-to-all-v) when the
-      transform's ranks are exactly the group's members; "off" always uses grouped send/recv.
-      Both move the same bytes and give bitwise-identical results.
+    collectives: "auto": when the transform's ranks are exactly the group's members, a forward
+      that is exactly an all-gather or a broadcast issues that collective, and every other call one
+      all_to_all_single (all-to-all-v); "off" always uses grouped send/recv. All paths move the
+      same bytes and give bitwise-identical results (partial sums are never reduced by a
+      collective: its summation order is not the plan's, so determinism would be lost).
     """
 
     def __init__(self, src: Layout, dst: Layout, group=None, backend: str = "auto", grad: str = "sum",
@@ -132,7 +134,7 @@ class Transform:
             if self._materialize(x, rank, False).identity:
                 return _Alias.apply(x, anchor, self)
             return ops.transform(x, anchor, self._handle)
-        job = self._start(x, rank, False, out, out_rows, lowered=self._lowered())
+        job = self._start(x, rank, False, out, out_rows, transport=self._transport(False))
         handle = self._post(job, "transform")
         rows = None if out_rows is None else torch.as_tensor(out_rows, device=job.out.device)
 
@@ -303,64 +305,81 @@ class Transform:
 
     # -- execution ------------------------------------------------------------------------------------
 
-    def _lowered(self) -> bool:
-        """Whether calls use one all_to_all_single instead of grouped send/recv: only when the
-        transform's ranks are exactly the group's members (a collective needs all of them), a
-        decision every rank makes alike from the layouts and the group."""
+    def _transport(self, backward: bool) -> str:
+        """How calls move data: "grouped" send/recv, or, when the transform's ranks are exactly the
+        group's members (a collective needs all of them), "all_gather" or "broadcast" where the
+        forward plan is exactly that, else one "all_to_all" (all-to-all-v). Every rank decides
+        alike, from the layouts and the group alone."""
         if self._lower is None:
             members = sorted(dist.get_process_group_ranks(self.group or dist.group.WORLD))
-            self._lower = self.collectives == "auto" and members == sorted(self.ranks) and len(members) > 1
-        return self._lower
+            whole = self.collectives == "auto" and members == sorted(self.ranks) and len(members) > 1
+            pattern = self.plan.pattern() if whole and self.wire_dtype is None else None
+            mode = "all_to_all" if whole else "grouped"
+            self._lower = (pattern or mode, mode)
+        return self._lower[backward]
 
     def _materialize(self, x: torch.Tensor, rank: int, backward: bool, row_map=None,
-                     lowered: bool = False) -> engine.Exec:
+                     buffered: bool = False) -> engine.Exec:
         plan, outer, w_in, w_out, _ = self._geometry(x, rank, backward)
         casts = self.wire_dtype is not None and self.wire_dtype != x.dtype
-        zero_copy = self.zero_copy and not casts and not lowered  # a collective wants one buffer
+        zero_copy = self.zero_copy and not casts and not buffered  # a collective wants one buffer
         return engine.materialize(plan, outer, w_in, w_out, row_map, zero_copy)
 
     def _start(self, x: torch.Tensor, rank: int, backward: bool, out=None, out_rows=None,
-               lowered: bool = False) -> _Job:
+               transport: str = "grouped") -> _Job:
         """Pack and lay out the messages of one call (nothing is sent yet)."""
         out_shape = self._geometry(x, rank, backward)[4]
         if backward and self.grad == "mean":
             x = x * self._mean_scale(rank, x)
-        row_map = None
-        if out_rows is not None:
-            rows = np.asarray(torch.as_tensor(out_rows).cpu().numpy(), np.int64)
-            starts, lengths = runs_from_rows(rows)
-            row_map = (tuple(starts.tolist()), tuple(lengths.tolist()))
-        exe = self._materialize(x, rank, backward, row_map, lowered)
         x_flat = x.contiguous().view(-1)
         if out is None:
             out = x_flat.new_empty(out_shape)
-        backend = resolve_backend(self.backend, x.device)
-        send_buf = self._pool.take(exe.send_numel, x.dtype, x.device)
-        recv_buf = self._pool.take(exe.recv_numel, x.dtype, x.device)
+        rows = None if out_rows is None else torch.as_tensor(out_rows, device=out.device)
+        if transport in ("all_gather", "broadcast"):
+            # the collective writes whole rows in order: into out, or a shard-shaped staging tensor
+            target = out if rows is None else out.new_empty(out_shape)
+            if transport == "broadcast" and rank in self.src.ranks:
+                if rank not in self.dst.ranks:  # a source-only root sends its input as it is
+                    return _Job(None, x_flat, out, "", x_flat, x_flat, [], [], transport, None)
+                target.copy_(x.view(out_shape))
+            return _Job(None, x_flat, out, "", x_flat, target.view(-1), [], [], transport, rows)
+        row_map = None
+        if rows is not None:
+            starts, lengths = runs_from_rows(rows.cpu().numpy().astype(np.int64))
+            row_map = (tuple(starts.tolist()), tuple(lengths.tolist()))
+        exe = self._materialize(x, rank, backward, row_map, buffered=transport == "all_to_all")
+        wire = self.wire_dtype or x.dtype
+        # with a wire dtype the buffers hold wire elements and pack / unpack convert in the same
+        # pass; the torch kernels convert (the C++/CUDA/Triton ones move bits of one dtype)
+        backend = resolve_backend(self.backend if wire == x.dtype else "torch", x.device)
+        send_buf = self._pool.take(exe.send_numel, wire, x.device)
+        recv_buf = self._pool.take(exe.recv_numel, wire, x.device)
         sends, recvs = engine.post_messages(exe, x_flat, out.view(-1), send_buf, recv_buf, backend)
-        if lowered:  # the buffers are the messages back to back in peer (= group rank) order
+        if transport == "all_to_all":  # the buffers hold the messages in peer (= group rank) order
             sends, recvs = [(None, send_buf)], [(None, recv_buf)]
-        wire_recvs = []
-        if self.wire_dtype is not None and self.wire_dtype != x.dtype:
-            sends = [(p, t.to(self.wire_dtype)) for p, t in sends]
-            wire_recvs = [(torch.empty(t.numel(), dtype=self.wire_dtype, device=t.device), t)
-                          for _, t in recvs]
-            recvs = [(p, w) for (p, _), (w, _) in zip(recvs, wire_recvs)]
-        return _Job(exe, x_flat, out, backend, send_buf, recv_buf, sends, recvs, wire_recvs, lowered)
+        return _Job(exe, x_flat, out, backend, send_buf, recv_buf, sends, recvs, transport, None)
 
     def _post(self, job: _Job, what: str) -> comm.Handle:
-        if not job.lowered:
+        if job.transport == "grouped":
             return comm.exchange(job.sends, job.recvs, self.group, self.timeout, what)
+        if job.transport == "all_gather":
+            return comm.collective(dist.all_gather_into_tensor, (job.recv_buf, job.send_buf),
+                                   self.group, self.timeout, what)
+        if job.transport == "broadcast":
+            return comm.collective(dist.broadcast, (job.recv_buf, self.src.ranks[0]), self.group,
+                                   self.timeout, what)
         members = sorted(dist.get_process_group_ranks(self.group or dist.group.WORLD))
         send_sizes = dict((m.peer, m.numel) for m in job.exe.sends)
         recv_sizes = dict((m.peer, m.numel) for m in job.exe.recvs)
-        return comm.all_to_all(job.sends[0][1], [send_sizes.get(r, 0) for r in members],
-                               job.recvs[0][1], [recv_sizes.get(r, 0) for r in members],
-                               self.group, self.timeout, what)
+        return comm.collective(dist.all_to_all_single,
+                               (job.recvs[0][1], job.sends[0][1], [recv_sizes.get(r, 0) for r in members],
+                                [send_sizes.get(r, 0) for r in members]), self.group, self.timeout, what)
 
     def _complete(self, job: _Job) -> torch.Tensor:
-        for wire, view in job.wire_recvs:
-            view.copy_(wire)
+        if job.exe is None:  # a whole-row collective: only a staged result is left to place
+            if job.rows is not None and job.out.numel():
+                job.out.index_copy_(0, job.rows, job.recv_buf.view(-1, *job.out.shape[1:]))
+            return job.out
         engine.finish(job.exe, job.x_flat, job.recv_buf, job.out.view(-1), job.backend)
         self._pool.give(job.send_buf)
         self._pool.give(job.recv_buf)
@@ -368,7 +387,7 @@ class Transform:
 
     def _run(self, x: torch.Tensor, backward: bool) -> torch.Tensor:
         rank = self._rank()
-        job = self._start(x, rank, backward, lowered=self._lowered())
+        job = self._start(x, rank, backward, transport=self._transport(backward))
         self._post(job, "transform backward" if backward else "transform").wait()
         return self._complete(job)
 

@@ -30,6 +30,10 @@ def case(name, world_size):
         return Layout.dp(ranks[:half], LENS), Layout.cp(ranks[half:], LENS, "zigzag")
     if name == "noncolocated_replicated":
         return Layout.replicated(ranks[:half], N), Layout.contiguous(ranks[half:], N)
+    if name == "all_gather":  # exactly an all-gather: equal contiguous blocks -> replicated
+        return Layout.contiguous(ranks, 12 * world_size), Layout.replicated(ranks, 12 * world_size)
+    if name == "broadcast":  # exactly a broadcast: one rank holds everything
+        return Layout.replicated([1], N), Layout.replicated(ranks, N)
     if name == "grid_to_dp":  # 8 ranks: dp=2 x cp=2 x tp=2 -> dp=8
         return Layout.grid(LENS, dp=2, cp=2, tp=2, tp_mode="replicate"), Layout.dp(ranks, LENS)
     raise KeyError(name)
@@ -157,16 +161,24 @@ def test_bytes_on_the_wire_are_minimal(world, name, world_size, collectives):
 def lowered_vs_grouped(rank, world_size, name):
     src, dst = case(name, world_size)
     x_global, gy_global = global_tensors()
+    x_global, gy_global = x_global[:src.num_rows], gy_global[:src.num_rows]
     out = []
     for collectives in ("off", "auto"):
         x = _local(src, x_global, rank).clone().requires_grad_(rank in src.ranks)
-        y = Transform(src, dst, collectives=collectives)(x)
+        t = Transform(src, dst, collectives=collectives)
+        y = t(x)
+        chosen = t._transport(False)
         torch.autograd.backward(y, _local(dst, gy_global, rank))
         out.append((y.detach(), x.grad))
     (y0, g0), (y1, g1) = out
-    return torch.equal(y0, y1) and (g0 is None and g1 is None or torch.equal(g0, g1))
+    same = torch.equal(y0, y1) and (g0 is None and g1 is None or torch.equal(g0, g1))
+    return same and torch.equal(y1, _local(dst, x_global, rank)), chosen
 
 
-@pytest.mark.parametrize("name", ["dp_to_cp_tp", "rows_to_hidden", "zigzag_to_contiguous"])
-def test_lowered_and_grouped_paths_agree_bitwise(world, name):
-    assert all(world(4).run(lowered_vs_grouped, name))
+@pytest.mark.parametrize("name,transport", [
+    ("dp_to_cp_tp", "all_to_all"), ("rows_to_hidden", "all_to_all"),
+    ("zigzag_to_contiguous", "all_to_all"), ("all_gather", "all_gather"), ("broadcast", "broadcast")])
+def test_lowered_and_grouped_paths_agree_bitwise(world, name, transport):
+    results = world(4).run(lowered_vs_grouped, name)
+    assert all(ok for ok, _ in results)
+    assert {chosen for _, chosen in results} == {transport}
