@@ -131,7 +131,10 @@ class Transform:
             raise error
         anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
         if out is None and not async_op:
-            if self._materialize(x, rank, False).identity:
+            # nothing to do on this rank; but a collective needs every member, so the shortcut
+            # is taken only on point-to-point transport or when no rank moves anything at all
+            if self._materialize(x, rank, False).identity and (
+                    self._transport(False) == "grouped" or self.src == self.dst):
                 return _Alias.apply(x, anchor, self)
             return ops.transform(x, anchor, self._handle)
         job = self._start(x, rank, False, out, out_rows, transport=self._transport(False))

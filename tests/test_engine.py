@@ -156,3 +156,19 @@ def dlpack_arrays(rank, world_size):
 def test_dlpack_arrays_in_and_out(world):
     # the cupy path on GPU; numpy arrays exercise the same DLPack round trip on CPU
     assert all(world(2).run(dlpack_arrays))
+
+
+def identity_on_one_rank(rank, world_size):
+    # rank 0 keeps exactly its rows (nothing to do there); the others swap theirs. With every
+    # group member taking part the call is one collective, which rank 0 must still join.
+    src = Layout.contiguous(range(world_size), 4 * world_size)
+    swapped = {0: [0, 1, 2, 3], **{r: [4 * (world_size - r) + i for i in range(4)] if r > 0 else []
+                                   for r in range(1, world_size)}}
+    dst = Layout.from_rows(swapped, 4 * world_size)
+    x = src.shard(x_global()[:4 * world_size], rank)
+    y = Transform(src, dst, timeout=30)(x)
+    return torch.equal(y, dst.shard(x_global()[:4 * world_size], rank))
+
+
+def test_identity_rank_still_joins_the_collective(world):
+    assert all(world(4).run(identity_on_one_rank))
