@@ -47,6 +47,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +56,9 @@ import torch.distributed as dist
 from hpcomm.launch import World
 from hpcomm.layout import Layout
 from hpcomm.transform import Transform
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import Placement
 
 METHODS = ("hpcomm", "a2a", "allgather", "dtensor", "wire")
 BASELINES = ("a2a", "allgather", "dtensor")  # compute the transform; verified against hpcomm
@@ -75,7 +79,7 @@ TARGETS = (  # (name, src, dst, baseline, target ratio hpcomm / baseline)
 # cases: layout specs, sequence lengths, layouts
 
 
-def parse_spec(text: str) -> dict:
+def parse_spec(text: str) -> dict[str, Any]:
     """"cp=2,tp=2,tp_mode=hidden" -> {"cp": 2, "tp": 2, "tp_mode": "hidden"}."""
     spec = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
@@ -92,13 +96,13 @@ def parse_spec(text: str) -> dict:
     return spec
 
 
-def spec_size(spec: dict) -> int:
+def spec_size(spec: dict[str, Any]) -> int:
     if "rows" in spec:
         return spec["rows"]
     return spec.get("dp", 1) * spec.get("cp", 1) * spec.get("tp", 1)
 
 
-def build_layout(spec: dict, ranks: list[int], seq_lens: list[int], hidden: int) -> Layout:
+def build_layout(spec: dict[str, Any], ranks: list[int], seq_lens: list[int], hidden: int) -> Layout:
     if spec_size(spec) != len(ranks):
         raise ValueError(f"layout {spec} needs {spec_size(spec)} ranks but gets {len(ranks)} "
                          f"(ranks {ranks})")
@@ -132,7 +136,7 @@ def case_ranks(placement: str, world_size: int) -> tuple[list[int], list[int]]:
     return ranks[:half], ranks[half:]
 
 
-def case_layouts(cfg: dict, world_size: int) -> tuple[Layout, Layout]:
+def case_layouts(cfg: dict[str, Any], world_size: int) -> tuple[Layout, Layout]:
     src_ranks, dst_ranks = case_ranks(cfg["placement"], world_size)
     return (build_layout(cfg["src"], src_ranks, cfg["seq_lens"], cfg["hidden"]),
             build_layout(cfg["dst"], dst_ranks, cfg["seq_lens"], cfg["hidden"]))
@@ -187,13 +191,13 @@ class A2A:
     """index_select -> all_to_all_single -> index_copy_, with index lists and buffers built once."""
 
     def __init__(self, src: Layout, dst: Layout, rank: int, world_size: int, x: torch.Tensor,
-                 hidden: int):
+                 hidden: int) -> None:
         dev = x.device
         pos = np.full(src.num_rows, -1, dtype=np.int64)
         if rank in src.ranks:
             pos[src.rows(rank).numpy()] = np.arange(src.local_num_rows(rank))
         self.send = []  # (dst rank, local source rows, c0, c1) in rank order
-        recv_idx = [[] for _ in range(world_size)]
+        recv_idx: list[list[int] | np.ndarray] = [[] for _ in range(world_size)]
         for d in dst.ranks:
             chosen = serving_rank(src, dst, d)
             c0, c1 = local_cols(dst, d, hidden)
@@ -215,7 +219,7 @@ class A2A:
         self.x_grad_buf = x.new_empty(x.shape)
         self.out = x.new_empty(dst.local_num_rows(rank) if rank in dst.ranks else 0, self.width)
 
-    def _send_views(self, buf: torch.Tensor):
+    def _send_views(self, buf: torch.Tensor) -> Iterator[tuple[torch.Tensor, int, int, torch.Tensor]]:
         off = 0
         for d, idx, c0, c1 in self.send:
             n = len(idx) * (c1 - c0)
@@ -243,7 +247,7 @@ class AllGather:
     """all_gather every rank's shard (padded to the largest), then index this rank's rows."""
 
     def __init__(self, src: Layout, dst: Layout, rank: int, world_size: int, x: torch.Tensor,
-                 hidden: int):
+                 hidden: int) -> None:
         counts = [src.local_num_rows(r) if r in src.ranks else 0 for r in range(world_size)]
         self.max_rows, self.num_rows = max(counts), counts[rank]
         slot = np.full(src.num_rows, -1, dtype=np.int64)
@@ -270,16 +274,16 @@ class AllGather:
         return self.padded[:self.num_rows]
 
 
-def _all_gather_single(out, inp):
+def _all_gather_single(out: torch.Tensor, inp: torch.Tensor) -> None:
     # all_gather_into_tensor is deprecated from torch 2.13 on; hpcomm supports torch >= 2.4
     (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, inp)
 
 
-def _reduce_scatter_single(out, inp):
+def _reduce_scatter_single(out: torch.Tensor, inp: torch.Tensor) -> None:
     (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, inp)
 
 
-def dtensor_placement(layout: Layout, world_size: int, hidden: int):
+def dtensor_placement(layout: Layout, world_size: int, hidden: int) -> Placement | None:
     """The DTensor placement on a 1-D mesh over the world that gives every rank exactly its shard
     in ``layout`` (Shard uses torch.chunk sizes, not tensor_split), or None."""
     from torch.distributed.tensor import Replicate, Shard
@@ -288,11 +292,11 @@ def dtensor_placement(layout: Layout, world_size: int, hidden: int):
         return None
     n = layout.num_rows
 
-    def chunk(total, i):
+    def chunk(total: int, i: int) -> tuple[int, int]:
         size = -(-total // world_size)
         return min(i * size, total), min((i + 1) * size, total)
 
-    def holds(r, lo, hi):
+    def holds(r: int, lo: int, hi: int) -> bool:
         s, l = layout.runs(r)
         return (hi == lo and len(s) == 0) or (len(s) == 1 and s[0] == lo and l[0] == hi - lo)
 
@@ -311,7 +315,7 @@ def dtensor_placement(layout: Layout, world_size: int, hidden: int):
 class Wire:
     """all_to_all_single of the element counts hpcomm's plan sends and receives per peer."""
 
-    def __init__(self, t: Transform, rank: int, world_size: int, x: torch.Tensor, hidden: int):
+    def __init__(self, t: Transform, rank: int, world_size: int, x: torch.Tensor, hidden: int) -> None:
         plan = t.plan.rank_plan(rank)
         unit = 1 if t.plan.col_mode else hidden
         self.send_splits, self.recv_splits = [0] * world_size, [0] * world_size
@@ -331,7 +335,8 @@ class Wire:
 
 
 class DTensorRedistribute:
-    def __init__(self, src_placement, dst_placement, world_size: int, x: torch.Tensor, shape):
+    def __init__(self, src_placement: Placement, dst_placement: Placement, world_size: int,
+                 x: torch.Tensor, shape: tuple[int, int]) -> None:
         from torch.distributed.tensor import DTensor, init_device_mesh
 
         self.from_local = DTensor.from_local
@@ -340,7 +345,8 @@ class DTensorRedistribute:
         self.stride = (shape[1], 1)  # the contiguous [rows, hidden] global tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = self.from_local(x, self.mesh, self.src, run_check=False, shape=self.shape, stride=self.stride)
+        # torch annotates shape as torch.Size; DTensor accepts any tuple of ints
+        dt = self.from_local(x, self.mesh, self.src, run_check=False, shape=self.shape, stride=self.stride)  # type: ignore[arg-type]
         return dt.redistribute(self.mesh, self.dst).to_local()
 
 
@@ -363,7 +369,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _all_true(flag: bool, device) -> bool:
+def _all_true(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() == 1.0)
@@ -385,9 +391,9 @@ class Prepared:
     """One case on one rank: a zero-argument runner per method (forward, or forward+backward
     returning the source gradient), which methods matched hpcomm, and why the others are n/a."""
 
-    runners: dict
-    verified: dict
-    na: dict
+    runners: dict[str, Callable[[], Any]]  # method -> zero-argument runner
+    verified: dict[str, bool]
+    na: dict[str, str]
     transform: Transform
     device: torch.device
     size: int
@@ -399,7 +405,7 @@ class Prepared:
         return [m for m in METHODS if m in self.runners and self.verified.get(m, m == "wire")]
 
 
-def prepare(rank: int, world_size: int, cfg: dict) -> Prepared:
+def prepare(rank: int, world_size: int, cfg: dict[str, Any]) -> Prepared:
     """Build every method for ``cfg`` and verify each once (collective: every rank calls it)."""
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
@@ -419,16 +425,16 @@ def prepare(rank: int, world_size: int, cfg: dict) -> Prepared:
     takes_out = "out" in inspect.signature(Transform.__call__).parameters
     y_buf = torch.empty_like(expected)
 
-    def hpcomm_fwd():
+    def hpcomm_fwd() -> torch.Tensor:
         with torch.no_grad():
             return t(x, out=y_buf) if takes_out else t(x)
 
-    def hpcomm_fwd_bwd():
+    def hpcomm_fwd_bwd() -> torch.Tensor:
         leaf = x.detach().requires_grad_(rank in src.ranks)
         torch.autograd.backward(t(leaf), gy)
         return leaf.grad if leaf.grad is not None else torch.zeros_like(x)
 
-    runners = {"hpcomm": hpcomm_fwd_bwd if backward else hpcomm_fwd}
+    runners: dict[str, Callable[[], Any]] = {"hpcomm": hpcomm_fwd_bwd if backward else hpcomm_fwd}
     reason = {}
     full_width = full_width_source(src, hidden)
     # a source replica that did not serve a row gets no gradient from the hand-written baselines,
@@ -445,12 +451,12 @@ def prepare(rank: int, world_size: int, cfg: dict) -> Prepared:
             continue
         impl = cls(src, dst, rank, world_size, x, hidden)
         if backward:
-            def baseline_fwd_bwd(impl=impl):
+            def baseline_fwd_bwd(impl: A2A | AllGather = impl) -> torch.Tensor:
                 impl.forward(x)
                 return impl.backward(gy)
             runners[name] = baseline_fwd_bwd
         else:
-            runners[name] = lambda impl=impl: impl.forward(x)
+            runners[name] = lambda impl=impl: impl.forward(x)  # type: ignore[misc]
     if "dtensor" in cfg["methods"]:
         placements = (dtensor_placement(src, world_size, hidden),
                       dtensor_placement(dst, world_size, hidden))
@@ -461,15 +467,15 @@ def prepare(rank: int, world_size: int, cfg: dict) -> Prepared:
             # grad="mean", not the default "sum" timed here
             reason["dtensor"] = "replicated destination: gradient convention differs"
         else:
-            dt = DTensorRedistribute(*placements, world_size, x, (num_rows, hidden))
+            dt = DTensorRedistribute(*placements, world_size, x, (num_rows, hidden))  # type: ignore[arg-type]  # no None here
             if backward:
-                def dtensor_fwd_bwd(dt=dt):
+                def dtensor_fwd_bwd(dt: DTensorRedistribute = dt) -> torch.Tensor | None:
                     leaf = x.detach().requires_grad_()
                     torch.autograd.backward(dt.forward(leaf), gy)
                     return leaf.grad
                 runners["dtensor"] = dtensor_fwd_bwd
             else:
-                runners["dtensor"] = lambda dt=dt: dt.forward(x)
+                runners["dtensor"] = lambda dt=dt: dt.forward(x)  # type: ignore[misc]
 
     if "wire" in cfg["methods"]:
         wire = Wire(t, rank, world_size, x, hidden)
@@ -505,14 +511,14 @@ def time_once(p: Prepared, method: str) -> float:
     return time.perf_counter() - start
 
 
-def run_case(rank: int, world_size: int, cfg: dict) -> dict:
+def run_case(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
     """Verify, then time every method on this rank; returns the same summary on every rank."""
     p = prepare(rank, world_size, cfg)
     timed = p.timed
     for _ in range(cfg["warmup"]):
         for m in timed:
             p.runners[m]()
-    times = {m: [] for m in timed}
+    times: dict[str, list[float]] = {m: [] for m in timed}
     for _ in range(cfg["iters"]):
         for m in timed:
             times[m].append(time_once(p, m))
@@ -536,7 +542,7 @@ def run_case(rank: int, world_size: int, cfg: dict) -> dict:
 # reporting
 
 
-def summarize(result: dict) -> dict:
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Add algbw, busbw, f and the ratios hpcomm time / baseline time."""
     t = result["time_us"]
     size = result["size"]
@@ -557,7 +563,7 @@ def header() -> str:
     return " ".join(name.rjust(width) for name, width in COLUMNS)
 
 
-def format_row(r: dict) -> str:
+def format_row(r: dict[str, Any]) -> str:
     t = r["time_us"]
     hp = t.get("hpcomm")
     cells = [r["size"], r["count"], r["rows"], r["pass"],
@@ -575,7 +581,7 @@ def format_row(r: dict) -> str:
     return " ".join(str(c).rjust(w) for c, (_, w) in zip(cells, COLUMNS))
 
 
-def legend(cfg: dict, world_size: int, backend: str) -> list[str]:
+def legend(cfg: dict[str, Any], world_size: int, backend: str) -> list[str]:
     lens = cfg["seq_lens"]
     shown = ",".join(map(str, lens[:8])) + (",..." if len(lens) > 8 else "")
     return [
@@ -588,7 +594,7 @@ def legend(cfg: dict, world_size: int, backend: str) -> list[str]:
     ]
 
 
-def plot(results: list[dict], path: str) -> None:
+def plot(results: list[dict[str, Any]], path: str) -> None:
     """algbw vs size, one panel per case, one line per method (dashed: forward+backward)."""
     import matplotlib
 
@@ -621,7 +627,7 @@ def plot(results: list[dict], path: str) -> None:
 # driver
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hpcomm-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", default="dp=4,dp_assign=balanced", help="source layout spec")
@@ -659,7 +665,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def case_configs(args) -> list[dict]:
+def case_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One config per (case, size, pass)."""
     if args.preset == "targets":
         cases = [(name, src, dst, [base, "wire"]) for name, src, dst, base, _ in TARGETS]
@@ -693,7 +699,7 @@ def local_threads(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // world_size)
 
 
-def run_all(cfgs: list[dict], world_size: int, world: World | None = None) -> list[dict]:
+def run_all(cfgs: list[dict[str, Any]], world_size: int, world: World | None = None) -> list[dict[str, Any]]:
     """Every case on the torchrun world (RANK set), on ``world``, or on a fresh local gloo world
     that is closed afterwards; rows in order."""
     if "RANK" in os.environ:
@@ -712,7 +718,7 @@ def run_all(cfgs: list[dict], world_size: int, world: World | None = None) -> li
         comm, print_fn = f"gloo, local processes, {threads} thread(s) each", print
         owned = None if world is not None else World(world_size, pg_timeout=600)
         world = world or owned
-        run = lambda cfg: world.run(run_case, cfg, timeout=3600)[0]  # noqa: E731
+        run = lambda cfg: world.run(run_case, cfg, timeout=3600)[0]  # type: ignore[union-attr]  # noqa: E731
     results, last_case, explained = [], None, set()
     try:
         for cfg in cfgs:
@@ -736,7 +742,7 @@ def run_all(cfgs: list[dict], world_size: int, world: World | None = None) -> li
     return results
 
 
-def target_report(results: list[dict]) -> list[str]:
+def target_report(results: list[dict[str, Any]]) -> list[str]:
     lines = ["# targets (ratio = hpcomm time / baseline time, forward)"]
     for name, _, _, base, target in TARGETS:
         rows = [r for r in results if r["case"] == name and r["pass"] == "fwd"]
@@ -750,7 +756,7 @@ def target_report(results: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv=None, world: World | None = None) -> int:
+def main(argv: Sequence[str] | None = None, world: World | None = None) -> int:
     """The CLI; ``world``: an existing local World of ``--nproc`` ranks to run on (tests share
     one instead of spawning their own)."""
     args = parse_args(argv)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,11 +23,12 @@ class TransformError(RuntimeError):
     """A distributed transform failed: a peer did not arrive in time, died, or disagreed."""
 
 
-def default_timeout(group=None) -> float:
+def default_timeout(group: dist.ProcessGroup | None = None) -> float:
     """The process group's own timeout in seconds (what its collectives would wait)."""
     try:
         pg = group or dist.group.WORLD
-        backend = pg._get_backend(torch.device("cpu") if dist.get_backend(pg) == "gloo"
+        # WORLD is None before init_process_group: the AttributeError is caught below
+        backend = pg._get_backend(torch.device("cpu") if dist.get_backend(pg) == "gloo"  # type: ignore[union-attr]
                                   else torch.device("cuda"))
         return backend.options._timeout.total_seconds()
     except (AttributeError, RuntimeError):
@@ -38,8 +39,8 @@ class Handle:
     """Outstanding transfers of one exchange; ``wait`` blocks until all are done, or raises
     TransformError naming the peers still outstanding once ``timeout`` seconds have passed."""
 
-    def __init__(self, works: list, peers: list[tuple[str, int]], timeout: float, what: str,
-                 device_wait: bool = False):
+    def __init__(self, works: list[dist.Work], peers: Sequence[tuple[str, int | str]], timeout: float,
+                 what: str, device_wait: bool = False) -> None:
         self._works, self._peers, self._timeout, self._what = works, peers, timeout, what
         self._device_wait = device_wait
 
@@ -65,7 +66,8 @@ class Handle:
                 f"failed: {', '.join(name for name, _ in failed)} (first error: {failed[0][1]})")
 
 
-def exchange(sends: Messages, recvs: Messages, group=None, timeout: float | None = None,
+def exchange(sends: Messages, recvs: Messages, group: dist.ProcessGroup | None = None,
+             timeout: float | None = None,
              what: str = "transform") -> Handle:
     """Post every send and receive of this rank as one group (peers are global ranks)."""
     ops = [dist.P2POp(dist.isend, t, peer, group) for peer, t in sends]
@@ -79,7 +81,8 @@ def exchange(sends: Messages, recvs: Messages, group=None, timeout: float | None
     return Handle(works, peers, default_timeout(group) if timeout is None else timeout, what, on_gpu)
 
 
-def collective(op, args: tuple, group=None, timeout: float | None = None,
+def collective(op: Callable[..., Any], args: tuple[Any, ...],
+               group: dist.ProcessGroup | None = None, timeout: float | None = None,
                what: str = "transform") -> Handle:
     """Post one collective (all_to_all_single, all_gather_into_tensor, broadcast) over the group:
     the same transfer as ``exchange`` when every member takes part, and NCCL's algorithms beat
@@ -108,7 +111,8 @@ def simulate_exchange(sends: Mapping[int, Messages], recvs: Mapping[int, Message
         raise TransformError(f"plan mismatch: rank {rank} sends to rank {peer}, which expects nothing")
 
 
-def agree(fingerprint: torch.Tensor, participants: Sequence[int], group=None,
+def agree(fingerprint: torch.Tensor, participants: Sequence[int],
+          group: dist.ProcessGroup | None = None,
           timeout: float | None = None) -> torch.Tensor:
     """All participants' int64 fingerprints, [len(participants), k], on every participant: each
     sends its own to the first participant, which sends the stacked result back to all."""

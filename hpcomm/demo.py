@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -52,7 +53,7 @@ def run(rank: int, world_size: int) -> list[str]:
     return lines
 
 
-def main(argv=None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--nproc", type=int, default=4, help="local processes when not under torchrun")
     args = parser.parse_args(argv)

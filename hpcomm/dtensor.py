@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +47,8 @@ def chunk_bounds(n: int, k: int, i: int) -> tuple[int, int]:
     return min(i * size, n), min((i + 1) * size, n)
 
 
-def _check_placements(mesh: DeviceMesh, placements: Sequence[Placement], ndim: int) -> tuple:
+def _check_placements(mesh: DeviceMesh, placements: Sequence[Placement], ndim: int
+                      ) -> tuple[Placement, ...]:
     placements = tuple(placements)
     if len(placements) != mesh.ndim:
         raise ValueError(f"{len(placements)} placements for a {mesh.ndim}-D mesh")
@@ -95,7 +96,7 @@ def _box_rows(box: Box, shape: Sequence[int]) -> np.ndarray:
     return np.ravel_multi_index([g.reshape(-1) for g in grids], lead_shape).astype(np.int64)
 
 
-def _layout(mesh: DeviceMesh, placements: tuple, shape: tuple[int, ...],
+def _layout(mesh: DeviceMesh, placements: tuple[Placement, ...], shape: tuple[int, ...],
             holds: Callable[[tuple[int, ...]], bool]) -> Layout:
     """The row-view layout; ``holds(coord)`` says whether the rank at coord holds its box."""
     if len(shape) == 0:
@@ -129,7 +130,8 @@ def layout_from_placements(mesh: DeviceMesh, placements: Sequence[Placement],
     return _layout(mesh, placements, shape, lambda coord: True)
 
 
-def _destination_layout(mesh: DeviceMesh, placements: tuple, shape: tuple[int, ...]) -> Layout:
+def _destination_layout(mesh: DeviceMesh, placements: tuple[Placement, ...],
+                        shape: tuple[int, ...]) -> Layout:
     """As layout_from_placements, but a Partial mesh dim is held at coordinate 0 only (the other
     ranks get zeros)."""
     partial_dims = [m for m, p in enumerate(placements) if isinstance(p, Partial)]
@@ -202,7 +204,7 @@ def redistribute(dtensor: DTensor, device_mesh: DeviceMesh,
         return _NonMember.apply(y, device_mesh, dst_placements, torch.Size(shape), stride)
     box = shard_box(device_mesh.mesh.shape, dst_placements, shape, coord)
     local_shape = tuple(b - a for a, b in box)
-    if y.shape[0] == 0 and math.prod(local_shape):
+    if y.shape[0] == 0 and math.prod(local_shape):  # type: ignore[arg-type]  # typeshed's prod overloads
         # a zero-filled Partial replica; concatenating the empty y keeps it in the graph
         local_out = torch.cat([y.reshape(-1), y.new_zeros(math.prod(local_shape))]).view(local_shape)
     else:
@@ -218,14 +220,14 @@ class _NonMember(torch.autograd.Function):
     rejects Shard(d > 0) placements; this one has the DTensor's ndim.)"""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, mesh: DeviceMesh, placements: tuple, shape: torch.Size,
-                stride: tuple[int, ...]) -> DTensor:
+    def forward(ctx: Any, y: torch.Tensor, mesh: DeviceMesh, placements: tuple[Placement, ...],
+                shape: torch.Size, stride: tuple[int, ...]) -> DTensor:
         ctx.y_shape = y.shape
         spec = DTensorSpec(mesh, placements, tensor_meta=TensorMeta(shape, stride, y.dtype))
         return DTensor(y.new_empty((0,) * len(shape)), spec, requires_grad=y.requires_grad)
 
     @staticmethod
-    def backward(ctx, grad: DTensor) -> tuple[torch.Tensor, None, None, None, None]:
+    def backward(ctx: Any, grad: DTensor) -> tuple[torch.Tensor, None, None, None, None]:
         # y is empty: its gradient is too, but it must be a tensor for the transform to run
         return grad.to_local().new_zeros(ctx.y_shape), None, None, None, None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -25,8 +26,11 @@ from hpcomm.segments import copy_segments
 _I64 = np.int64
 _NO_TABLE = np.zeros((0, 6), _I64)
 
+RowMap = tuple[np.ndarray, np.ndarray]  # runs (starts, lengths), int64
 
-def _blocks(seg: Segments, outer: int, width: int, collapse: np.ndarray):
+
+def _blocks(seg: Segments, outer: int, width: int, collapse: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Element offset, line count, line length and line stride of each segment in a local tensor
     of geometry [rows, outer, width]. Collapsed segments (full width) are one line per row."""
     row_elems = outer * width
@@ -37,7 +41,7 @@ def _blocks(seg: Segments, outer: int, width: int, collapse: np.ndarray):
     return offset, lines, line_len, stride
 
 
-def _remap(seg: Segments, row_map):
+def _remap(seg: Segments, row_map: RowMap) -> tuple[Segments, np.ndarray, np.ndarray]:
     """Send local rows through ``row_map`` (runs (starts, lengths) of the real rows, in local
     order): the mapped segments, and for each piece its segment index and first row within it."""
     starts, lengths = row_map
@@ -58,7 +62,8 @@ class Message:
     view_offset: int | None
 
 
-def _message(seg: Segments, outer: int, width: int, tensor_is_src: bool, row_map, direct_ok: bool):
+def _message(seg: Segments, outer: int, width: int, tensor_is_src: bool, row_map: RowMap | None,
+             direct_ok: bool) -> tuple[int, np.ndarray, int | None]:
     per_row = outer * seg.num_cols
     sizes = seg.num_rows * per_row
     buf_off = np.cumsum(sizes) - sizes
@@ -90,7 +95,8 @@ class Exec:
     identity: bool  # the local copy is the whole tensor, in place: nothing to do at all
 
 
-def _rebase(messages, column: int):
+def _rebase(messages: Iterable[Message], column: int
+            ) -> tuple[dict[int, int], dict[int, np.ndarray], int]:
     """Offsets of buffered messages back to back, and their tables shifted there."""
     offsets, tables, pos = {}, {}, 0
     for m in messages:
@@ -103,7 +109,8 @@ def _rebase(messages, column: int):
 
 
 @lru_cache(maxsize=1024)
-def materialize(plan: RankPlan, outer: int, w_in: int, w_out: int, row_map=None,
+def materialize(plan: RankPlan, outer: int, w_in: int, w_out: int,
+                row_map: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
                 zero_copy: bool = True) -> Exec:
     """row_map: runs (tuple of starts, tuple of lengths) of the output rows that the destination
     shard's local rows land on (``out_rows``), or None for an output of exactly the shard."""
@@ -142,8 +149,8 @@ def materialize(plan: RankPlan, outer: int, w_in: int, w_out: int, row_map=None,
 class DeviceTables:
     """Segment tables moved to the data's device once and reused (CUDA kernels read them there)."""
 
-    def __init__(self):
-        self._cache: dict = {}
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
         if device.type == "cpu":
@@ -163,8 +170,8 @@ class BufferPool:
     """Reuses pack / receive buffers across calls: a buffer is handed out again only after the
     call that took it has given it back (an async call still in flight keeps its own)."""
 
-    def __init__(self):
-        self._free: dict = {}
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = {}
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         bucket = self._free.get((numel, dtype, device))
@@ -176,12 +183,14 @@ class BufferPool:
             bucket.append(buf)
 
 
-def _apply(src, dst, table, accumulate, backend):
+def _apply(src: torch.Tensor, dst: torch.Tensor, table: torch.Tensor, accumulate: bool,
+           backend: str) -> None:
     copy_segments(src, dst, _device_tables.get(table, dst.device), accumulate, backend)
 
 
 def post_messages(exe: Exec, x_flat: torch.Tensor, out_flat: torch.Tensor, send_buf: torch.Tensor,
-                  recv_buf: torch.Tensor, backend: str):
+                  recv_buf: torch.Tensor, backend: str
+                  ) -> tuple[list[tuple[int, torch.Tensor]], list[tuple[int, torch.Tensor]]]:
     """Zero-fill the destination if the plan adds into it, pack what is not sent as a view, and
     return the (peer, tensor) lists to send and to receive into."""
     if exe.plan.zero_fill:
@@ -191,7 +200,8 @@ def post_messages(exe: Exec, x_flat: torch.Tensor, out_flat: torch.Tensor, send_
     return _places(exe.sends, x_flat, send_buf), _places(exe.recvs, out_flat, recv_buf)
 
 
-def _places(messages, tensor: torch.Tensor, buf: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+def _places(messages: Iterable[Message], tensor: torch.Tensor, buf: torch.Tensor
+            ) -> list[tuple[int, torch.Tensor]]:
     """Where each message lives: a view of the tensor (zero-copy), or its slice of the buffer."""
     out, pos = [], 0
     for m in messages:

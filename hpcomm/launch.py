@@ -13,10 +13,15 @@ import socket
 import time
 import traceback
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+    from multiprocessing.queues import Queue
 
 
 def free_port() -> int:
@@ -29,13 +34,15 @@ class RemoteError(RuntimeError):
     """An exception raised on one or more ranks of a World (or a rank's process died), with their
     tracebacks; ``results`` holds what the other ranks returned."""
 
-    def __init__(self, failures: dict[int, str], results: dict[int, object]):
+    def __init__(self, failures: dict[int, str], results: dict[int, object]) -> None:
         self.failures, self.results = failures, results
         detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
         super().__init__(f"ranks {sorted(failures)} failed:\n{detail}")
 
 
-def _worker(rank: int, world_size: int, port: int, tasks, results, pg_timeout: float) -> None:
+def _worker(rank: int, world_size: int, port: int,
+            tasks: Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None],
+            results: Queue[tuple[int, bool, Any]], pg_timeout: float) -> None:
     # share the cores among the ranks, as torchrun's OMP_NUM_THREADS=1 does (torch is already
     # imported here, so the environment variable alone would come too late)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -60,9 +67,9 @@ class World:
     or raises RemoteError; a call that does not finish within ``timeout`` kills the world (the
     next call starts a fresh one) and raises TimeoutError."""
 
-    def __init__(self, world_size: int, pg_timeout: float = 60.0):
+    def __init__(self, world_size: int, pg_timeout: float = 60.0) -> None:
         self.world_size, self.pg_timeout = world_size, pg_timeout
-        self._procs: list = []
+        self._procs: list[BaseProcess] = []
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
@@ -76,7 +83,7 @@ class World:
         for p in self._procs:
             p.start()
 
-    def run(self, fn, *args, timeout: float = 120.0) -> list:
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 120.0) -> list[Any]:
         if not self._procs or not all(p.is_alive() for p in self._procs):
             self.close()
             self._start()
@@ -113,7 +120,7 @@ class World:
     def __enter__(self) -> World:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._procs:
             for q in self._tasks:
                 q.put(None)
@@ -122,7 +129,7 @@ class World:
         self.close()
 
 
-def spawn(fn, world_size: int, *args, timeout: float = 600.0) -> list:
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600.0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` once on a fresh local gloo world; per-rank results."""
     with World(world_size) as world:
         return world.run(fn, *args, timeout=timeout)

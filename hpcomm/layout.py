@@ -14,7 +14,7 @@ import hashlib
 import heapq
 import numbers
 from functools import cached_property
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,8 @@ import torch
 _I64 = np.int64
 
 RowsLike = Sequence[int] | np.ndarray | torch.Tensor
+# (range index, piece start, piece end, bin or interval) of every piece of a cut
+Pieces = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -47,7 +49,7 @@ def merge_runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.
     return starts[heads].astype(_I64), ends.astype(_I64)
 
 
-def split_at(starts: np.ndarray, ends: np.ndarray, bps: np.ndarray):
+def split_at(starts: np.ndarray, ends: np.ndarray, bps: np.ndarray) -> Pieces:
     """Cut each non-empty range [starts[i], ends[i]) at the sorted breakpoints ``bps``.
 
     Returns (range index, piece start, piece end, bin) for every piece, in range order, where bin j
@@ -62,7 +64,8 @@ def split_at(starts: np.ndarray, ends: np.ndarray, bps: np.ndarray):
     return idx, np.maximum(starts[idx], bps[bins]), np.minimum(ends[idx], bps[bins + 1]), bins
 
 
-def compose_runs(inner_starts, inner_lengths, outer_starts, outer_lengths):
+def compose_runs(inner_starts: np.ndarray, inner_lengths: np.ndarray, outer_starts: np.ndarray,
+                 outer_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Map runs given in the local index space of a rank (whose runs are ``outer``) to global rows."""
     bounds = np.concatenate([[0], np.cumsum(outer_lengths)]).astype(_I64)
     keep = inner_lengths > 0
@@ -92,7 +95,7 @@ def expand_runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 # validation helpers: every message names the offending rank or value
 
 
-def _check_int(value, what: str, minimum: int = 0) -> int:
+def _check_int(value: object, what: str, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
     if value < minimum:
@@ -114,7 +117,7 @@ def _check_ranks(ranks: Iterable[int], what: str = "ranks") -> tuple[int, ...]:
     return ranks
 
 
-def _check_lengths(lengths, what: str) -> tuple[int, ...]:
+def _check_lengths(lengths: object, what: str) -> tuple[int, ...]:
     if isinstance(lengths, torch.Tensor):
         lengths = lengths.tolist()
     if isinstance(lengths, np.ndarray):
@@ -124,7 +127,7 @@ def _check_lengths(lengths, what: str) -> tuple[int, ...]:
     return tuple(_check_int(n, f"{what}[{i}]") for i, n in enumerate(lengths))
 
 
-def _as_row_array(rows, rank: int, what: str = "rows") -> np.ndarray:
+def _as_row_array(rows: object, rank: int | str, what: str = "rows") -> np.ndarray:
     if isinstance(rows, torch.Tensor):
         if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
             raise TypeError(f"{what} of rank {rank} must be an integer tensor, got {rows.dtype}")
@@ -142,7 +145,7 @@ def _as_row_array(rows, rank: int, what: str = "rows") -> np.ndarray:
     return np.asarray(rows, dtype=_I64).reshape(-1)
 
 
-def _check_rows(rows: np.ndarray, num_rows: int, rank, what: str = "rows") -> None:
+def _check_rows(rows: np.ndarray, num_rows: int, rank: int | str, what: str = "rows") -> None:
     if len(rows) == 0:
         return
     bad = rows[(rows < 0) | (rows >= num_rows)]
@@ -164,9 +167,9 @@ class Layout:
     ``grid``) and ``select``/``nest``; modify with ``with_cols`` and ``as_partial``.
     """
 
-    def __init__(self, kind: str, spec: tuple, num_rows: int, ranks: tuple[int, ...],
+    def __init__(self, kind: str, spec: tuple[Any, ...], num_rows: int, ranks: tuple[int, ...],
                  cols: tuple[tuple[int, int], ...] | None = None, num_cols: int | None = None,
-                 partial: bool = False):
+                 partial: bool = False) -> None:
         self._kind, self._spec = kind, spec
         self.num_rows, self.ranks = num_rows, ranks
         self._cols, self.num_cols, self.partial = cols, num_cols, bool(partial)
@@ -178,13 +181,13 @@ class Layout:
     def __hash__(self) -> int:
         return self._hash
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Layout) and self._hash == other._hash and self._key == other._key
 
     def fingerprint(self) -> int:
         """A digest of the layout that is equal across processes (``hash`` of strings is salted per
         process), used to check that ranks run the same transform."""
-        def stable(v):
+        def stable(v: object) -> object:
             if isinstance(v, Layout):
                 return ("Layout", stable(v._key))
             if isinstance(v, tuple):
@@ -193,7 +196,7 @@ class Layout:
         digest = hashlib.blake2b(repr(stable(self._key)).encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: object) -> None:
         if hasattr(self, "_hash"):
             raise AttributeError("Layout is immutable")
         object.__setattr__(self, name, value)
@@ -289,14 +292,15 @@ class Layout:
         if with_cols:
             widths = {lay.num_cols for lay in inner if lay._cols is not None}
             if len(widths) != 1:
-                raise ValueError(f"inner layouts disagree on num_cols: {sorted(widths)}")
+                raise ValueError(f"inner layouts disagree on num_cols: {sorted(widths)}")  # type: ignore[type-var]
             num_cols = widths.pop()
             by_rank = {}
             for lay in inner:
                 for r in lay.ranks:
                     by_rank[r] = lay.cols(r) if lay._cols is not None else (0, num_cols)
             cols = tuple(by_rank[r] for r in all_ranks_t)
-        return cls("nest", (outer, inner), outer.num_rows, all_ranks_t, cols, num_cols)
+        # a layout with cols has num_cols, so by_rank holds (int, int) pairs
+        return cls("nest", (outer, inner), outer.num_rows, all_ranks_t, cols, num_cols)  # type: ignore[arg-type]
 
     @classmethod
     def grid(cls, seq_lens: Sequence[int], dp: int = 1, cp: int = 1, tp: int = 1,
@@ -335,25 +339,25 @@ class Layout:
             stride[d] = acc
             acc *= degree[d]
 
-        def rank_at(d, c, t):
+        def rank_at(d: int, c: int, t: int) -> int:
             return ranks[d * stride["dp"] + c * stride["cp"] + t * stride["tp"]]
 
         lens = _check_lengths(seq_lens, "seq_lens")
         outer = cls.dp(range(dp), lens, dp_assign)
         dp_groups = []
-        for d in range(dp):
-            group_lens = [lens[s] for s in outer._dp_samples(d)]
+        for d in range(dp):  # type: ignore[assignment]  # d was a dim name (str) above
+            group_lens = [lens[s] for s in outer._dp_samples(d)]  # type: ignore[arg-type]
             cp_layout = cls.cp(range(cp), group_lens, cp_mode)
             tp_layouts = []
             for c in range(cp):
-                tp_ranks = [rank_at(d, c, t) for t in range(tp)]
+                tp_ranks = [rank_at(d, c, t) for t in range(tp)]  # type: ignore[arg-type]
                 n = cp_layout.local_num_rows(c)
                 if tp_mode == "sp":
                     tp_layouts.append(cls.contiguous(tp_ranks, n))
                 else:
                     lay = cls.replicated(tp_ranks, n)
                     if tp_mode == "hidden":
-                        bounds = split_points(num_cols, tp)
+                        bounds = split_points(num_cols, tp)  # type: ignore[arg-type]  # hidden: not None
                         lay = lay.with_cols({r: (int(bounds[t]), int(bounds[t + 1]))
                                              for t, r in enumerate(tp_ranks)}, num_cols)
                     tp_layouts.append(lay)
@@ -428,7 +432,7 @@ class Layout:
         return cache[rank]
 
     @cached_property
-    def _runs_cache(self) -> dict:
+    def _runs_cache(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         return {}
 
     def rows(self, rank: int) -> torch.Tensor:
@@ -505,7 +509,7 @@ class Layout:
         """Sample indices held by rank position i, increasing (a dp layout's local order)."""
         return np.flatnonzero(self._dp_owner == i)
 
-    def _cp_runs(self, i: int):
+    def _cp_runs(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         lens, mode = self._lens, self._spec[1]
         k = len(self.ranks)
         parts = 2 * k if mode == "zigzag" else k
@@ -519,12 +523,12 @@ class Layout:
         return np.stack(starts, 1).reshape(-1), np.stack(lengths, 1).reshape(-1)
 
     @cached_property
-    def _select_sorted(self):
+    def _select_sorted(self) -> tuple[np.ndarray, np.ndarray]:
         rows = np.asarray(self._spec[1], _I64)
         order = np.argsort(rows, kind="stable")
         return rows[order], order
 
-    def _select_runs(self, rank: int):
+    def _select_runs(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         parent: Layout = self._spec[0]
         sorted_rows, order = self._select_sorted
         ps, pl = parent.runs(rank)
@@ -534,7 +538,7 @@ class Layout:
         picked = order[expand_runs(lo, hi - lo)]
         return runs_from_rows(picked)
 
-    def _nest_runs(self, rank: int):
+    def _nest_runs(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         outer, inner = self._spec
         for g, lay in zip(outer.ranks, inner):
             if rank in lay._rank_pos:
@@ -587,11 +591,12 @@ class ChunkIndex:
     sequence s held by the rank at position ``owner(s, j)`` (or by all ``replicas`` positions).
     Intervals are (sequence, chunk) pairs, numbered ``s * parts + j``."""
 
-    def __init__(self, lens: np.ndarray, parts: int, owner, replicas: int = 0):
+    def __init__(self, lens: np.ndarray, parts: int, owner: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                 replicas: int = 0) -> None:
         self.lens, self.parts, self.owner, self.replicas = lens, parts, owner, replicas
         self.offsets = np.concatenate([[0], np.cumsum(lens)]).astype(_I64)
 
-    def split(self, starts: np.ndarray, ends: np.ndarray):
+    def split(self, starts: np.ndarray, ends: np.ndarray) -> Pieces:
         """Cut ranges at chunk bounds: (range index, piece start, piece end, interval)."""
         ridx, ps, pe, seq = split_at(starts, ends, self.offsets)
         length, off = self.lens[seq], self.offsets[seq]
@@ -626,7 +631,7 @@ class HolderIndex:
     ranks that hold it: ``bps`` are the interval bounds, ``holders[ptr[b]:ptr[b + 1]]`` the holders
     of interval b in increasing position."""
 
-    def __init__(self, layout: Layout):
+    def __init__(self, layout: Layout) -> None:
         runs = [layout.runs(r) for r in layout.ranks]
         starts = np.concatenate([s for s, _ in runs] + [np.zeros(0, _I64)])
         ends = starts + np.concatenate([n for _, n in runs] + [np.zeros(0, _I64)])
@@ -637,7 +642,7 @@ class HolderIndex:
         self.holders = owner[idx][order]
         self.ptr = np.searchsorted(bins[order], np.arange(len(self.bps)), "left").astype(_I64)
 
-    def split(self, starts: np.ndarray, ends: np.ndarray):
+    def split(self, starts: np.ndarray, ends: np.ndarray) -> Pieces:
         """Cut ranges at interval bounds: (range index, piece start, piece end, interval)."""
         return split_at(starts, ends, self.bps)
 

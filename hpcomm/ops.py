@@ -16,24 +16,28 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch._library.effects import EffectType
 
 from hpcomm import segments
 
-_transforms: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+if TYPE_CHECKING:
+    from hpcomm.transform import Transform
+
+_transforms: "weakref.WeakValueDictionary[int, Transform]" = weakref.WeakValueDictionary()
 _next_handle = itertools.count()
 
 
-def register_transform(transform) -> int:
+def register_transform(transform: Transform) -> int:
     """Give a Transform an integer handle that the custom ops can carry through a graph."""
     handle = next(_next_handle)
     _transforms[handle] = transform
     return handle
 
 
-def _lookup(handle: int):
+def _lookup(handle: int) -> Transform:
     try:
         return _transforms[handle]
     except KeyError:
@@ -46,7 +50,7 @@ def transform(x: torch.Tensor, anchor: torch.Tensor, handle: int) -> torch.Tenso
 
 
 @transform.register_fake
-def _(x, anchor, handle):
+def _(x: torch.Tensor, anchor: torch.Tensor, handle: int) -> torch.Tensor:
     # under torch.compile this is where inputs are checked: Transform.__call__'s own check reads
     # cached plans (lru_cache, numpy), which Dynamo would trace instead of calling
     t = _lookup(handle)
@@ -60,17 +64,17 @@ def transform_backward(grad: torch.Tensor, handle: int) -> torch.Tensor:
 
 
 @transform_backward.register_fake
-def _(grad, handle):
+def _(grad: torch.Tensor, handle: int) -> torch.Tensor:
     return grad.new_empty(_lookup(handle)._output_shape(grad, backward=True))
 
 
-def _transform_setup(ctx, inputs, output):
+def _transform_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     ctx.handle = inputs[2]
     ctx.transform = _lookup(inputs[2])  # keeps the transform alive as long as the graph
     ctx.anchor_shape = inputs[1].shape
 
 
-def _transform_grad(ctx, grad):
+def _transform_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
     grad_x = transform_backward(grad.contiguous(), ctx.handle)
     return grad_x, grad.new_zeros(ctx.anchor_shape), None
 
@@ -101,7 +105,7 @@ def pack(x: torch.Tensor, table: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 @pack.register_fake
-def _(x, table, numel):
+def _(x: torch.Tensor, table: torch.Tensor, numel: int) -> torch.Tensor:
     return x.new_empty(numel)
 
 
@@ -117,7 +121,7 @@ def unpack(buf: torch.Tensor, table: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 @unpack.register_fake
-def _(buf, table, numel):
+def _(buf: torch.Tensor, table: torch.Tensor, numel: int) -> torch.Tensor:
     return buf.new_empty(numel)
 
 
@@ -144,16 +148,16 @@ def _layers(table: torch.Tensor) -> list[torch.Tensor]:
     return [table[idx] for idx in layers]
 
 
-def _setup(ctx, inputs, output):
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     ctx.table, ctx.numel = inputs[1], inputs[0].numel()
 
 
-def _pack_grad(ctx, grad):
+def _pack_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
     # pack's backward is unpack: what was gathered is scattered back, adding repeated reads
     return unpack(grad.contiguous(), ctx.table[:, _SWAP].contiguous(), ctx.numel), None, None
 
 
-def _unpack_grad(ctx, grad):
+def _unpack_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
     # unpack's backward is pack: each output element gathers the gradient of what it received
     return pack(grad.contiguous(), ctx.table[:, _SWAP].contiguous(), ctx.numel), None, None
 

@@ -21,16 +21,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable, Sequence
 
 import numpy as np
 
 from hpcomm.layout import Layout, split_at
 
 _I64 = np.int64
+_Arrays4 = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+Choice = tuple[tuple[int, int, int], ...]  # ((holder, c0, c1), ...): see Plan.choose
+ChoiceKey = tuple[tuple[int, ...], int]  # (holders, dst_pos)
+# (src rows, dst rows, num rows, src col, dst col, num cols, global rows) of local copies
+LocalPieces = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 class _MissingColumns(ValueError):
-    def __init__(self, start: int, stop: int, rank: int):
+    def __init__(self, start: int, stop: int, rank: int) -> None:
         super().__init__(f"columns [{start}, {stop}) of a row of destination rank {rank} are held by "
                          f"no source rank")
         self.start, self.stop, self.rank = start, stop, rank
@@ -103,7 +109,7 @@ class Plan:
     gradients, where a source row no destination read simply gets no gradient).
     """
 
-    def __init__(self, src: Layout, dst: Layout, fill_missing: bool = False):
+    def __init__(self, src: Layout, dst: Layout, fill_missing: bool = False) -> None:
         if not isinstance(src, Layout) or not isinstance(dst, Layout):
             raise TypeError(f"src and dst must be Layouts, got {type(src).__name__} and "
                             f"{type(dst).__name__}")
@@ -115,9 +121,10 @@ class Plan:
             raise ValueError("a destination layout cannot be partial (a transform delivers full rows)")
         self.src, self.dst, self.fill_missing = src, dst, fill_missing
         self.col_mode = src.has_cols or dst.has_cols
-        self.num_cols = (src.num_cols if src.has_cols else dst.num_cols) if self.col_mode else 1
-        self._choices: dict = {}
-        self._adds: dict = {}  # (holders, dst_pos) -> whether some element sums several partials
+        # in col_mode one of the layouts has cols, and with them num_cols: an int either way
+        self.num_cols: int = (src.num_cols if src.has_cols else dst.num_cols) if self.col_mode else 1  # type: ignore[assignment]
+        self._choices: dict[ChoiceKey, Choice] = {}
+        self._adds: dict[ChoiceKey, bool] = {}  # (holders, dst_pos) -> whether some element sums several partials
         if not fill_missing:
             self._check_coverage()
             if src.has_cols:
@@ -166,7 +173,7 @@ class Plan:
     def cols_of(self, layout: Layout, pos: int) -> tuple[int, int]:
         if not self.col_mode:
             return (0, 1)
-        c = layout._cols[pos] if layout.has_cols else None
+        c = layout._cols[pos] if layout.has_cols else None  # type: ignore[index]  # has_cols: not None
         return c if c is not None else (0, self.num_cols)
 
     def width(self, layout: Layout, rank: int) -> int:
@@ -184,7 +191,7 @@ class Plan:
         if self.col_mode or self.src.partial or n == 0:
             return None
 
-        def runs(layout, rank):
+        def runs(layout: Layout, rank: int) -> list[tuple[int, ...]]:
             return list(zip(*(a.tolist() for a in layout.runs(rank))))
 
         if any(runs(self.dst, r) != [(0, n)] for r in self.dst.ranks):
@@ -202,7 +209,7 @@ class Plan:
 
     # -- the one rule both sides of every message apply --------------------------------------------
 
-    def choose(self, holders: tuple[int, ...], dst_pos: int) -> tuple[tuple[int, int, int], ...]:
+    def choose(self, holders: tuple[int, ...], dst_pos: int) -> Choice:
         """Who supplies which columns of a row whose source holders (positions in src.ranks) are
         ``holders`` to destination position ``dst_pos``: ((holder, c0, c1), ...), in the order the
         contributions are applied. Missing columns raise, or are left out with fill_missing."""
@@ -260,7 +267,7 @@ class Plan:
                         sends=tuple(sorted(sends.items())), recvs=tuple(sorted(recvs.items())),
                         local=local, accumulate=adds, zero_fill=zero_fill or adds, order=order)
 
-    def _receiver(self, rank: int):
+    def _receiver(self, rank: int) -> tuple[dict[int, Segments], list[LocalPieces], bool, bool]:
         """What ``rank`` receives (per peer, wire order) and copies locally, as destination."""
         src, dst = self.src, self.dst
         index = src.holder_index
@@ -270,9 +277,9 @@ class Plan:
         local_off = np.cumsum(lengths) - lengths
         ridx, ps, pe, bins = index.split(starts, starts + lengths)
         dst_rows = local_off[ridx] + (ps - starts[ridx])
-        keys = []
+        keys: list[ChoiceKey] = []
 
-        def choice(b):
+        def choice(b: int) -> Choice:
             keys.append((index.holders_of(b), dpos))
             return self.choose(*keys[-1])
 
@@ -316,10 +323,10 @@ class Plan:
         dst_index = dst.holder_index
         dst_ranks = np.asarray(dst.ranks, _I64)
 
-        def mine(pair):
+        def mine(pair: tuple[int, int]) -> Choice:
             sb, db = pair
             holders = src.holder_index.holders_of(sb)
-            out = []
+            out: list[tuple[int, int, int]] = []
             for d in dst_index.holders_of(db):
                 if dst.ranks[d] == rank:
                     continue  # a local copy, planned by the receiving side of this rank
@@ -338,7 +345,7 @@ class Plan:
         return sends
 
     @staticmethod
-    def _expand(keys: np.ndarray, fn):
+    def _expand(keys: np.ndarray, fn: Callable[[int], Choice]) -> _Arrays4:
         """Evaluate ``fn`` once per distinct key and expand its (a, b, c) triples to every piece:
         returns (piece index, a, b, c) arrays."""
         uniq, inverse = np.unique(keys, return_inverse=True)
@@ -346,7 +353,7 @@ class Plan:
         return _expand_results(results, inverse)
 
     @staticmethod
-    def _expand_pairs(keys: np.ndarray, fn):
+    def _expand_pairs(keys: np.ndarray, fn: Callable[[tuple[int, int]], Choice]) -> _Arrays4:
         if len(keys) == 0:
             return (np.zeros(0, _I64),) * 4
         uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
@@ -354,7 +361,7 @@ class Plan:
         return _expand_results(results, inverse.reshape(-1))
 
 
-def _expand_results(results, inverse):
+def _expand_results(results: Sequence[Choice], inverse: np.ndarray) -> _Arrays4:
     counts = np.array([len(r) for r in results], _I64)
     flat = np.array([t for r in results for t in r], _I64).reshape(-1, 3)
     first = np.cumsum(counts) - counts
@@ -365,7 +372,7 @@ def _expand_results(results, inverse):
     return piece, rows[:, 0], rows[:, 1], rows[:, 2]
 
 
-def _local_rows(runs, global_rows: np.ndarray) -> np.ndarray:
+def _local_rows(runs: tuple[np.ndarray, np.ndarray], global_rows: np.ndarray) -> np.ndarray:
     """Local positions of global rows that lie inside ``runs`` (each query inside one run)."""
     starts, lengths = runs
     local_off = np.cumsum(lengths) - lengths
@@ -374,7 +381,8 @@ def _local_rows(runs, global_rows: np.ndarray) -> np.ndarray:
     return local_off[j] + (global_rows - starts[j])
 
 
-def _fuse(order_keys, row, num_rows, col, num_cols, global_row):
+def _fuse(order_keys: tuple[np.ndarray, ...], row: np.ndarray, num_rows: np.ndarray, col: np.ndarray,
+          num_cols: np.ndarray, global_row: np.ndarray) -> _Arrays4:
     """Sort segments by ``order_keys`` and fuse neighbours that continue each other both in the
     local tensor and globally with the same window (the wire layout does not change)."""
     o = np.lexsort(order_keys)
@@ -387,11 +395,12 @@ def _fuse(order_keys, row, num_rows, col, num_cols, global_row):
     return row[heads], np.add.reduceat(num_rows, heads), col[heads], num_cols[heads]
 
 
-def _wire_order(row, num_rows, col, num_cols, global_row, global_col) -> Segments:
+def _wire_order(row: np.ndarray, num_rows: np.ndarray, col: np.ndarray, num_cols: np.ndarray,
+                global_row: np.ndarray, global_col: np.ndarray) -> Segments:
     return Segments(*_fuse((global_row, global_col), row, num_rows, col, num_cols, global_row))
 
 
-def _local_segments(pairs) -> tuple[Segments, Segments]:
+def _local_segments(pairs: Sequence[LocalPieces]) -> tuple[Segments, Segments]:
     if not pairs:
         return _EMPTY, _EMPTY
     src_row, dst_row, n, scol, dcol, ncols, grow = (np.concatenate(a) for a in zip(*pairs))

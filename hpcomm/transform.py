@@ -6,7 +6,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence, overload
 
 import numpy as np
 import torch
@@ -33,8 +33,8 @@ class _Job:
     backend: str
     send_buf: torch.Tensor
     recv_buf: torch.Tensor
-    sends: list
-    recvs: list
+    sends: list[tuple[int, torch.Tensor]]
+    recvs: list[tuple[int, torch.Tensor]]
     transport: str  # "grouped", "all_to_all", "all_gather" or "broadcast"
     rows: torch.Tensor | None  # out_rows, when a whole-row collective staged the shard
 
@@ -74,9 +74,12 @@ class Transform:
       collective: its summation order is not the plan's, so determinism would be lost).
     """
 
-    def __init__(self, src: Layout, dst: Layout, group=None, backend: str = "auto", grad: str = "sum",
+    _lower: tuple[str, str] | None  # (forward, backward) transport, decided on first use
+
+    def __init__(self, src: Layout, dst: Layout, group: dist.ProcessGroup | None = None,
+                 backend: str = "auto", grad: str = "sum",
                  wire_dtype: torch.dtype | None = None, validate: bool | None = None,
-                 timeout: float | None = None, zero_copy: bool = True, collectives: str = "auto"):
+                 timeout: float | None = None, zero_copy: bool = True, collectives: str = "auto") -> None:
         if grad not in GRAD_MODES:
             raise ValueError(f"unknown grad mode {grad!r}; expected one of {', '.join(GRAD_MODES)}")
         if backend not in ("auto", "torch", "cpp", "cuda", "triton"):
@@ -105,8 +108,24 @@ class Transform:
 
     # -- user API -----------------------------------------------------------------------------------
 
+    @overload
+    def __call__(self, x: torch.Tensor, *, out: torch.Tensor | None = ...,
+                 out_rows: torch.Tensor | Sequence[int] | None = ...,
+                 async_op: Literal[False] = ...) -> torch.Tensor: ...
+
+    @overload
+    def __call__(self, x: torch.Tensor, *, out: torch.Tensor | None = ...,
+                 out_rows: torch.Tensor | Sequence[int] | None = ...,
+                 async_op: Literal[True]) -> _Pending: ...
+
+    @overload
+    def __call__(self, x: torch.Tensor, *, out: torch.Tensor | None = ...,
+                 out_rows: torch.Tensor | Sequence[int] | None = ...,
+                 async_op: bool = ...) -> torch.Tensor | _Pending: ...
+
     def __call__(self, x: torch.Tensor, *, out: torch.Tensor | None = None,
-                 out_rows: torch.Tensor | Sequence[int] | None = None, async_op: bool = False):
+                 out_rows: torch.Tensor | Sequence[int] | None = None,
+                 async_op: bool = False) -> torch.Tensor | _Pending:
         """Forward on this rank. ``out``: a caller-given destination, either exactly the shard's
         shape, or with ``out_rows`` (local row positions, one per destination row) a larger tensor
         whose rows ``out_rows`` receive the shard; it is written in place and returned. With
@@ -147,7 +166,7 @@ class Transform:
 
         return _Pending(wait) if async_op else wait()
 
-    def _call_array(self, x, out, out_rows):
+    def _call_array(self, x: Any, out: Any, out_rows: torch.Tensor | Sequence[int] | None) -> Any:
         """DLPack arrays (cupy on GPU, numpy on CPU): the same transform, zero-copy in and out, with
         an array of the caller's library back (no autograd: arrays have none)."""
         library = sys.modules[type(x).__module__.split(".")[0]]
@@ -167,7 +186,7 @@ class Transform:
         """Backward for the whole world in one process: {rank: grad of y} -> {rank: grad of x}."""
         return self._simulate(grads, backward=True)
 
-    def stats(self, rank: int | None = None, like: torch.Tensor | None = None) -> dict:
+    def stats(self, rank: int | None = None, like: torch.Tensor | None = None) -> dict[str, int]:
         """What ``rank`` (default: this rank) sends, receives and copies locally in forward, from
         the plan: row x column units, and bytes when ``like`` (a tensor with the trailing shape and
         dtype of the data, e.g. the input) is given."""
@@ -198,7 +217,8 @@ class Transform:
             return self.plan.rank_plan(rank).transpose()
         return self._grad_plan.rank_plan(rank)
 
-    def _geometry(self, x: torch.Tensor, rank: int, backward: bool):
+    def _geometry(self, x: torch.Tensor, rank: int, backward: bool
+                  ) -> tuple[RankPlan, int, int, int, tuple[int, ...]]:
         """(rank plan, outer, input width, output width, output shape) for a checked input."""
         plan = self._rank_plan(rank, backward)
         trailing = tuple(x.shape[1:])
@@ -207,10 +227,10 @@ class Transform:
             return plan, outer, plan.in_cols, plan.out_cols, (plan.out_rows, *trailing[:-1], plan.out_cols)
         return plan, math.prod(trailing), 1, 1, (plan.out_rows, *trailing)
 
-    def _output_shape(self, x: torch.Tensor, backward: bool):
+    def _output_shape(self, x: torch.Tensor, backward: bool) -> tuple[int, ...]:
         return self._geometry(x, self._rank(), backward)[4]
 
-    def _local_error(self, x, rank: int, backward: bool) -> Exception | None:
+    def _local_error(self, x: torch.Tensor, rank: int, backward: bool) -> Exception | None:
         what = "gradient" if backward else "input"
         if not isinstance(x, torch.Tensor):
             return TypeError(f"rank {rank}: {what} must be a torch.Tensor, got {type(x).__name__}")
@@ -229,12 +249,13 @@ class Transform:
                                   f"gives this rank {plan.in_cols} columns")
         return None
 
-    def _check(self, x, rank: int, backward: bool) -> None:
+    def _check(self, x: torch.Tensor, rank: int, backward: bool) -> None:
         error = self._local_error(x, rank, backward)
         if error is not None:
             raise error
 
-    def _out_error(self, x, rank: int, out, out_rows) -> Exception | None:
+    def _out_error(self, x: torch.Tensor, rank: int, out: torch.Tensor | None,
+                   out_rows: torch.Tensor | Sequence[int] | None) -> Exception | None:
         shape = self._geometry(x, rank, False)[4]
         if not isinstance(out, torch.Tensor):
             return TypeError(f"rank {rank}: out must be a torch.Tensor, got {type(out).__name__}")
@@ -264,7 +285,7 @@ class Transform:
             return ValueError(f"rank {rank}: out_rows has a repeated row")
         return None
 
-    def _agree(self, x, rank: int, backward: bool, error: Exception | None) -> None:
+    def _agree(self, x: torch.Tensor, rank: int, backward: bool, error: Exception | None) -> None:
         """Cross-rank validation: every participant raises the same error if any disagrees."""
         if self._fingerprint is None:
             self._fingerprint = (self.src.fingerprint() * 31 + self.dst.fingerprint()
@@ -321,14 +342,16 @@ class Transform:
             self._lower = (pattern or mode, mode)
         return self._lower[backward]
 
-    def _materialize(self, x: torch.Tensor, rank: int, backward: bool, row_map=None,
+    def _materialize(self, x: torch.Tensor, rank: int, backward: bool,
+                     row_map: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
                      buffered: bool = False) -> engine.Exec:
         plan, outer, w_in, w_out, _ = self._geometry(x, rank, backward)
         casts = self.wire_dtype is not None and self.wire_dtype != x.dtype
         zero_copy = self.zero_copy and not casts and not buffered  # a collective wants one buffer
         return engine.materialize(plan, outer, w_in, w_out, row_map, zero_copy)
 
-    def _start(self, x: torch.Tensor, rank: int, backward: bool, out=None, out_rows=None,
+    def _start(self, x: torch.Tensor, rank: int, backward: bool, out: torch.Tensor | None = None,
+               out_rows: torch.Tensor | Sequence[int] | None = None,
                transport: str = "grouped") -> _Job:
         """Pack and lay out the messages of one call (nothing is sent yet)."""
         out_shape = self._geometry(x, rank, backward)[4]
@@ -359,7 +382,7 @@ class Transform:
         recv_buf = self._pool.take(exe.recv_numel, wire, x.device)
         sends, recvs = engine.post_messages(exe, x_flat, out.view(-1), send_buf, recv_buf, backend)
         if transport == "all_to_all":  # the buffers hold the messages in peer (= group rank) order
-            sends, recvs = [(None, send_buf)], [(None, recv_buf)]
+            sends, recvs = [(None, send_buf)], [(None, recv_buf)]  # type: ignore[list-item]  # peers unused
         return _Job(exe, x_flat, out, backend, send_buf, recv_buf, sends, recvs, transport, None)
 
     def _post(self, job: _Job, what: str) -> comm.Handle:
@@ -372,8 +395,9 @@ class Transform:
             return comm.collective(dist.broadcast, (job.recv_buf, self.src.ranks[0]), self.group,
                                    self.timeout, what)
         members = sorted(dist.get_process_group_ranks(self.group or dist.group.WORLD))
-        send_sizes = dict((m.peer, m.numel) for m in job.exe.sends)
-        recv_sizes = dict((m.peer, m.numel) for m in job.exe.recvs)
+        # all_to_all: the job has an Exec (only the whole-row collectives have none)
+        send_sizes = dict((m.peer, m.numel) for m in job.exe.sends)  # type: ignore[union-attr]
+        recv_sizes = dict((m.peer, m.numel) for m in job.exe.recvs)  # type: ignore[union-attr]
         return comm.collective(dist.all_to_all_single,
                                (job.recvs[0][1], job.sends[0][1], [recv_sizes.get(r, 0) for r in members],
                                 [send_sizes.get(r, 0) for r in members]), self.group, self.timeout, what)
@@ -461,7 +485,9 @@ def _dtype_name(index: int) -> str:
 class _Pending:
     """Handle of an ``async_op`` call: ``wait()`` finishes the transfer and returns the result."""
 
-    def __init__(self, wait):
+    _result: torch.Tensor | None
+
+    def __init__(self, wait: Callable[[], torch.Tensor]) -> None:
         self._wait, self._result = wait, None
 
     def wait(self) -> torch.Tensor:
@@ -476,14 +502,16 @@ class _Into(torch.autograd.Function):
     flows to whatever ``out`` was before (the overwritten rows get none)."""
 
     @staticmethod
-    def forward(ctx, x, anchor, out, transform, rows, produce):
+    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor, out: torch.Tensor, transform: Transform,
+                rows: torch.Tensor | None, produce: Callable[[], torch.Tensor]) -> torch.Tensor:
         produce()
         ctx.mark_dirty(out)
         ctx.transform, ctx.rows = transform, rows
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None, None, None]:
         rows = ctx.rows
         grad_y = grad_out if rows is None else grad_out.index_select(0, rows)
         grad_x = ops.transform_backward(grad_y.contiguous(), ctx.transform._handle)
@@ -496,12 +524,12 @@ class _Alias(torch.autograd.Function):
     gradient still takes the collective backward path (replicas may need each other's)."""
 
     @staticmethod
-    def forward(ctx, x, anchor, transform):
+    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor, transform: Transform) -> torch.Tensor:
         ctx.transform = transform
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         grad_x = ops.transform_backward(grad.contiguous(), ctx.transform._handle)
         return grad_x, torch.zeros_like(ctx.transform._anchor), None
 

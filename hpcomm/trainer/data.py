@@ -15,6 +15,7 @@ import json
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
@@ -54,7 +55,7 @@ class SyntheticDataset:
     size (so images have different patch counts). Captions name colour and shape, so the task is
     learnable from the image alone. Item i is a pure function of (seed, i)."""
 
-    def __init__(self, seed: int = 0, patch: int = 4, sizes: tuple[int, ...] = (8, 12, 16)):
+    def __init__(self, seed: int = 0, patch: int = 4, sizes: tuple[int, ...] = (8, 12, 16)) -> None:
         self.seed, self.patch, self.sizes = seed, patch, sizes
 
     def __getitem__(self, index: int) -> Sample:
@@ -98,7 +99,7 @@ class ManifestDataset:
     Images keep their aspect ratio: scaled so the longer side is at most max_side, then each side
     is rounded down to a multiple of the patch size (at least one patch)."""
 
-    def __init__(self, manifest: str, patch: int = 4, max_side: int = 32):
+    def __init__(self, manifest: str, patch: int = 4, max_side: int = 32) -> None:
         root = os.path.dirname(os.path.abspath(manifest))
         with open(manifest) as f:
             self.items = [json.loads(line) for line in f if line.strip()]
@@ -116,7 +117,7 @@ class ManifestDataset:
         with Image.open(item["image"]) as img:
             scale = min(1.0, self.max_side / max(img.size))
             w, h = (max(self.patch, int(s * scale) // self.patch * self.patch) for s in img.size)
-            return Sample(to_tensor(img.convert("RGB").resize((w, h), Image.BILINEAR)), item["text"])
+            return Sample(to_tensor(img.convert("RGB").resize((w, h), Image.BILINEAR)), item["text"])  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- packing
@@ -149,6 +150,8 @@ def patchify(image: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def pack(samples: list[Sample], patch: int, max_text: int = 64) -> Batch:
+    tokens: Any  # the token ids as a list, then as a tensor
+    positions: list[int]
     tokens, positions, seq_lens, patches, grids, counts = [], [], [], [], [], []
     for sample in samples:
         p, g = patchify(sample.image, patch)
@@ -169,8 +172,8 @@ def pack(samples: list[Sample], patch: int, max_text: int = 64) -> Batch:
                  (tokens == IMG).nonzero().squeeze(1), torch.cat(patches), torch.cat(grids), counts)
 
 
-def micro_batches(dataset, step: int, batch_size: int, num_micro: int, patch: int,
-                  seed: int) -> list[Batch]:
+def micro_batches(dataset: SyntheticDataset | ManifestDataset, step: int, batch_size: int,
+                  num_micro: int, patch: int, seed: int) -> list[Batch]:
     """The global batch of `step` (batch_size samples) as num_micro packed micro-batches
     (tensor_split of the sample list). A finite dataset is read in a seeded permutation per epoch;
     the synthetic one is infinite and read in order."""

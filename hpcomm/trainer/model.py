@@ -35,15 +35,18 @@ class Config:
     llm_layers: int = 2
 
 
+RowFn = Callable[[torch.Tensor], torch.Tensor]  # rows -> rows, autograd-aware
+
+
 @dataclass
 class AttnContext:
     """Per-forward row bookkeeping. mask[i, j]: query row i may attend key row j, where the key rows
     are whatever gather_kv produces. The collectives (x -> x, autograd-aware) are set only when the
     module is parallelized that way."""
     mask: torch.Tensor                   # [query rows, key rows] bool
-    sp_gather: Callable | None = None    # SP rows -> this CP rank's rows (enter a TP region)
-    sp_reduce_scatter: Callable | None = None  # partial sums of CP rows -> summed SP rows (leave)
-    cp_gather: Callable | None = None    # this CP rank's rows -> the CP group's rows (K and V)
+    sp_gather: RowFn | None = None    # SP rows -> this CP rank's rows (enter a TP region)
+    sp_reduce_scatter: RowFn | None = None  # partial sums of CP rows -> summed SP rows (leave)
+    cp_gather: RowFn | None = None    # this CP rank's rows -> the CP group's rows (K and V)
 
 
 def packed_mask(q_rows: torch.Tensor, k_rows: torch.Tensor, seq_of_row: torch.Tensor,
@@ -61,7 +64,7 @@ def identity(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.head_dim = dim // heads
         self.wq, self.wk, self.wv = (nn.Linear(dim, dim, bias=False) for _ in range(3))
@@ -80,7 +83,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int) -> None:
         super().__init__()
         self.w1 = nn.Linear(dim, 4 * dim, bias=False)
         self.w2 = nn.Linear(4 * dim, dim, bias=False)
@@ -91,7 +94,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn, self.mlp = Attention(dim, heads), MLP(dim)
@@ -107,7 +110,7 @@ class VisionEncoder(nn.Module):
     LLM hidden size."""
     causal = False  # the kind of mask (packed_mask) its attention context needs
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.patch_embed = nn.Linear(3 * cfg.patch * cfg.patch, cfg.enc_dim)
         self.row_embed = nn.Embedding(cfg.max_grid, cfg.enc_dim)
@@ -131,7 +134,7 @@ class LLM(nn.Module):
     write the image tokens into the input embeddings in between."""
     causal = True
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.llm_dim)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.llm_dim)
@@ -152,7 +155,7 @@ class LLM(nn.Module):
 
 
 class MultimodalModel(nn.Module):
-    def __init__(self, cfg: Config, seed: int = 0):
+    def __init__(self, cfg: Config, seed: int = 0) -> None:
         super().__init__()
         # Full weights from one seed on every rank, sharded afterwards: the single-process model is
         # an exact reference for every layout.

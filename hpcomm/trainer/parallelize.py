@@ -17,6 +17,7 @@ All row bookkeeping comes from hpcomm layouts; the SP and CP collectives are hpc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,8 @@ from torch import nn
 from hpcomm import Layout, Transform
 
 from .model import AttnContext, Block, packed_mask
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class Mesh:
     with the process groups this rank needs. Groups of one rank are None (nothing to communicate).
     Must be built on every rank of the world, in the same order, because new_group is collective."""
 
-    def __init__(self, dims: ParallelDims, ranks: list[int], rank: int):
+    def __init__(self, dims: ParallelDims, ranks: list[int], rank: int) -> None:
         if dims.size != len(ranks):
             raise ValueError(f"degrees {dims} multiply to {dims.size}, but the module has "
                              f"{len(ranks)} ranks {ranks}")
@@ -71,7 +74,7 @@ class Mesh:
         self.dp_cp_group = self._group(grid.permute(2, 0, 1).reshape(dims.tp, -1))
         self.group = self._group(grid.reshape(1, -1))
 
-    def _group(self, rows: torch.Tensor):
+    def _group(self, rows: torch.Tensor) -> dist.ProcessGroup | None:
         """Create one group per row of rank ids; return the one holding this rank."""
         mine = None
         for row in rows.tolist():
@@ -94,16 +97,16 @@ class Mesh:
 # gradient semantics the SP gather's backward is a reduce-scatter, the reduce-scatter's (a partial
 # source) an all-gather, and the CP K/V gather's a reduce-scatter of the key/value gradients.
 
-def sp_gather(x, ctx):
-    return ctx.sp_gather(x)
+def sp_gather(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    return ctx.sp_gather(x)  # type: ignore[misc]  # set by attn_context when tp > 1
 
 
-def sp_reduce_scatter(x, ctx):
-    return ctx.sp_reduce_scatter(x)
+def sp_reduce_scatter(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    return ctx.sp_reduce_scatter(x)  # type: ignore[misc]  # set by attn_context when tp > 1
 
 
-def cp_gather(x, ctx):
-    return ctx.cp_gather(x)
+def cp_gather(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    return ctx.cp_gather(x)  # type: ignore[misc]  # set by attn_context when cp > 1
 
 
 # ---------------------------------------------------------------- applying the parallelism
@@ -111,11 +114,11 @@ def cp_gather(x, ctx):
 def _shard(linear: nn.Linear, dim: int, tp_rank: int, tp: int) -> None:
     """Keep this rank's slice of the full weight; remember where it came from (for checks)."""
     weight = nn.Parameter(linear.weight.detach().tensor_split(tp, dim)[tp_rank].clone())
-    weight.tp_shard = (dim, tp_rank, tp)
+    weight.tp_shard = (dim, tp_rank, tp)  # type: ignore[attr-defined]
     linear.weight = weight
 
 
-def parallelize(module: nn.Module, mesh: Mesh) -> nn.Module:
+def parallelize(module: _M, mesh: Mesh) -> _M:
     """Shard `module` (VisionEncoder or LLM, full weights) in place for this rank of `mesh`."""
     _, _, tp_rank = mesh.coords(mesh.rank)
     tp = mesh.dims.tp
@@ -151,10 +154,10 @@ def reduce_grads(module: nn.Module, mesh: Mesh) -> None:
                             (mesh.group, [p for p in params if not hasattr(p, "tp_shard")])):
         if group is None or not selected:
             continue
-        flat = torch.cat([p.grad.flatten() for p in selected])
+        flat = torch.cat([p.grad.flatten() for p in selected])  # type: ignore[union-attr]  # set above
         dist.all_reduce(flat, group=group)
         for p, g in zip(selected, flat.split([p.numel() for p in selected])):
-            p.grad.copy_(g.view_as(p))
+            p.grad.copy_(g.view_as(p))  # type: ignore[union-attr]
 
 
 def attn_context(layout: Layout, mesh: Mesh, seq_of_row: torch.Tensor, causal: bool) -> AttnContext:
@@ -162,7 +165,7 @@ def attn_context(layout: Layout, mesh: Mesh, seq_of_row: torch.Tensor, causal: b
     module's Layout.grid). Queries are this CP rank's rows (its TP peers' SP rows, in order), keys
     every CP peer's query rows, so the mask comes from the very rows the gathers deliver. Each
     collective is a transform between two descriptions of the same global rows."""
-    def cp_rows(rank):
+    def cp_rows(rank: int) -> torch.Tensor:
         d, c, _ = mesh.coords(rank)
         return torch.cat([layout.rows(r) for r in mesh.ranks if mesh.coords(r)[:2] == (d, c)])
 

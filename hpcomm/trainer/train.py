@@ -28,11 +28,13 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 
 from hpcomm import Layout, Transform
 
@@ -57,7 +59,7 @@ class TrainConfig:
     data: str | None = None
     model: Config = field(default_factory=Config)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not 1 <= self.micro_batches <= self.batch_size:
@@ -100,7 +102,7 @@ class Trainer:
     model, no process groups, no transforms (the encoder output rows already are the image rows)."""
 
     def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu")) -> None:
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         if world_size == 1:
             cfg = replace(cfg, encoder=ParallelDims(), llm=ParallelDims(), placement="colocated")
@@ -143,7 +145,8 @@ class Trainer:
         return self.encoder(batch.patches[rows].to(self.device),
                             batch.patch_grid[rows].to(self.device), self._on_device(ctx))
 
-    def _boundary(self, mb: MicroBatch, x: torch.Tensor, out=None, out_rows=None) -> torch.Tensor:
+    def _boundary(self, mb: MicroBatch, x: torch.Tensor, out: torch.Tensor | None = None,
+                  out_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder rows -> this rank's image rows of the LLM layout, written into `out` at
         `out_rows` on LLM ranks. Times forward and (through autograd node hooks) backward."""
         if mb.boundary is None:  # single process: the rows already are in order
@@ -152,7 +155,7 @@ class Trainer:
         y = mb.boundary(x, out=out, out_rows=out_rows)
         self.boundary_seconds += time.perf_counter() - start
         if y.grad_fn is not None:
-            started = []
+            started: list[float] = []
             y.grad_fn.register_prehook(lambda grads: started.append(time.perf_counter()))
             y.grad_fn.register_hook(lambda grads_in, grads_out: self._add_boundary_time(started))
         return y
@@ -164,12 +167,13 @@ class Trainer:
         """This rank's share of the step loss: summed CE over its rows / the step's target count."""
         batch, mesh = mb.batch, self.llm_mesh
         seq_of_row = torch.repeat_interleave(torch.tensor(batch.seq_lens))
-        ctx = attn_context(mb.llm_layout, mesh, seq_of_row, self.llm.causal)
+        # called on LLM ranks only: self.llm is not None
+        ctx = attn_context(mb.llm_layout, mesh, seq_of_row, self.llm.causal)  # type: ignore[union-attr]
         rows = mb.llm_layout.rows(self.rank)
         tokens = batch.tokens[rows].to(self.device)
         # The transform delivers this rank's image rows in its local row order.
-        h = self._boundary(mb, x, out=self.llm.embed(tokens), out_rows=(tokens == IMG).nonzero()[:, 0])
-        logits = self.llm(h, batch.positions[rows].to(self.device), self._on_device(ctx))
+        h = self._boundary(mb, x, out=self.llm.embed(tokens), out_rows=(tokens == IMG).nonzero()[:, 0])  # type: ignore[union-attr]
+        logits = self.llm(h, batch.positions[rows].to(self.device), self._on_device(ctx))  # type: ignore[misc]
         return F.cross_entropy(logits, batch.targets[rows].to(self.device), ignore_index=IGNORE,
                                reduction="sum") / num_targets
 
@@ -210,7 +214,8 @@ class Trainer:
         for module, mesh, opt in self.optimizers:
             reduce_grads(module, mesh)
         if step == 0 and self.record_first_grads:
-            self.first_grads = {name: p.grad.clone() for name, p in self.named_parameters()}
+            # reduce_grads gave every parameter a gradient
+            self.first_grads = {name: p.grad.clone() for name, p in self.named_parameters()}  # type: ignore[union-attr]
         for _, _, opt in self.optimizers:
             opt.step()
         seconds = time.perf_counter() - start
@@ -220,7 +225,7 @@ class Trainer:
         return StepStats(stats[0].item(), sum(len(b.tokens) for b in batches), seconds,
                          stats[1].item() / self.world_size)
 
-    def named_parameters(self):
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters of the modules this rank holds, named as in MultimodalModel."""
         for prefix, module in (("encoder.", self.encoder), ("llm.", self.llm)):
             if module is not None:
@@ -228,7 +233,7 @@ class Trainer:
 
 
 def grad_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
-               params) -> torch.Tensor:
+               params: Iterable[tuple[str, nn.Parameter]]) -> torch.Tensor:
     """[encoder, llm]: max |grad - reference grad| over this rank's (sharded) parameters, and the
     max |reference grad| over the same elements (to state the error relative to the scale)."""
     error = torch.zeros(2, 2)
@@ -243,8 +248,9 @@ def grad_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
     return error
 
 
-def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device=torch.device("cpu"),
-          check_parity: bool = False, plot: str | None = None, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
+          device: torch.device = torch.device("cpu"), check_parity: bool = False,
+          plot: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run cfg.steps steps on this rank; on rank 0 print one line per step. With check_parity,
     rank 0 then reruns the steps in one process and every rank compares its first-step gradients.
     Returns {"losses": [...]}, with check_parity also "reference" (losses), "loss_error" (max
@@ -254,7 +260,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device=torch.dev
 
     trainer = Trainer(cfg, rank, world_size, device)
     trainer.record_first_grads = check_parity
-    losses = []
+    losses: list[float] = []
     bar = tqdm(range(cfg.steps), disable=rank != 0 or not progress, desc="train", leave=False)
     for step in bar:
         stats = trainer.step(step)
@@ -264,9 +270,9 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device=torch.dev
                       f"{stats.tokens / stats.seconds:9,.0f} tok/s | "
                       f"boundary {stats.boundary_share:6.1%} of {stats.seconds * 1e3:6.1f} ms")
     bar.close()
-    result = {"losses": losses}
+    result: dict[str, Any] = {"losses": losses}
     if check_parity:
-        reference = [None, None]
+        reference: list[Any] = [None, None]  # [losses, first-step grads], broadcast from rank 0
         if rank == 0:
             ref = Trainer(cfg, device=device)
             ref.record_first_grads = True
@@ -292,7 +298,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device=torch.dev
     return result
 
 
-def _plot(path: str, result: dict) -> None:
+def _plot(path: str, result: dict[str, Any]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -311,7 +317,7 @@ def _plot(path: str, result: dict) -> None:
 
 # ---------------------------------------------------------------- processes
 
-def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, args) -> None:
+def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, args: argparse.Namespace) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # see main()
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -329,7 +335,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def parse_args(argv=None):
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hpcomm-train", description=__doc__.split("\n")[0])
     p.add_argument("--nproc", type=int, default=4, help="local processes when not under torchrun")
     p.add_argument("--encoder", default="dp=4", help='encoder degrees, e.g. "dp=2,tp=2"')
@@ -347,7 +353,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     try:  # bad degrees fail here, with a usage message, before any process is started
