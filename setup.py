@@ -78,7 +78,7 @@ setup(
     ],
     packages=find_packages(include=["hpcomm", "hpcomm.*"]) + ["hpcomm.triton_kernels"],
     package_dir={"hpcomm.triton_kernels": "kernels"},
-    package_data={"hpcomm": ["py.typed"]},
+    package_data={"hpcomm": ["py.typed", "_C.pyi"]},
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "triton", "pillow", "matplotlib"],
