@@ -12,6 +12,7 @@ straight into it; only the other messages go through the pooled pack / receive b
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable
@@ -92,7 +93,6 @@ class Exec:
     recv_numel: int  # receive buffer: messages not received in place
     pack_table: torch.Tensor
     steps: tuple[tuple[torch.Tensor, bool], ...]  # (table, reads the receive buffer), in order
-    identity: bool  # the local copy is the whole tensor, in place: nothing to do at all
 
 
 def _rebase(messages: Iterable[Message], column: int
@@ -129,10 +129,6 @@ def materialize(plan: RankPlan, outer: int, w_in: int, w_out: int,
     s_off, lines, line_len, s_stride = _blocks(src, outer, w_in, collapse)
     d_off, _, _, d_stride = _blocks(dst, outer, w_out, collapse)
     local = np.stack([s_off, d_off, lines, line_len, s_stride, d_stride], 1).astype(_I64).reshape(-1, 6)
-    identity = (not plan.sends and not plan.recvs and plan.in_rows == plan.out_rows
-                and w_in == w_out and len(local) == 1 and local[0, 0] == local[0, 1] == 0
-                and local[0, 2] * local[0, 3] == plan.in_rows * outer * w_in and rmap is None
-                and not plan.zero_fill)
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     if plan.accumulate:
         steps = tuple((as_tensor(local), False) if r == plan.rank else
@@ -143,14 +139,16 @@ def materialize(plan: RankPlan, outer: int, w_in: int, w_out: int,
         steps = ((as_tensor(local), False), (as_tensor(merged), True))
     pack_table = np.concatenate([pack_tables[m.peer] for m in sends if m.peer in pack_tables] + [_NO_TABLE])
     return Exec(plan, sends, recvs, send_numel, recv_numel, as_tensor(pack_table),
-                tuple(s for s in steps if len(s[0])), identity)
+                tuple(s for s in steps if len(s[0])))
 
 
 class DeviceTables:
     """Segment tables moved to the data's device once and reused (CUDA kernels read them there)."""
 
-    def __init__(self) -> None:
-        self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, capacity: int = 4096) -> None:
+        # bounded like materialize's cache: tables of plans no longer used drop out, oldest first
+        self._cache: OrderedDict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._capacity = capacity
 
     def get(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
         if device.type == "cpu":
@@ -160,6 +158,9 @@ class DeviceTables:
         if hit is None or hit[0] is not table:
             hit = (table, table.to(device, non_blocking=True))
             self._cache[key] = hit
+            if len(self._cache) > self._capacity:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
         return hit[1]
 
 
@@ -191,10 +192,9 @@ def _apply(src: torch.Tensor, dst: torch.Tensor, table: torch.Tensor, accumulate
 def post_messages(exe: Exec, x_flat: torch.Tensor, out_flat: torch.Tensor, send_buf: torch.Tensor,
                   recv_buf: torch.Tensor, backend: str
                   ) -> tuple[list[tuple[int, torch.Tensor]], list[tuple[int, torch.Tensor]]]:
-    """Zero-fill the destination if the plan adds into it, pack what is not sent as a view, and
-    return the (peer, tensor) lists to send and to receive into."""
-    if exe.plan.zero_fill:
-        out_flat.zero_()
+    """Pack what is not sent as a view, and return the (peer, tensor) lists to send and to receive
+    into. A plan with ``zero_fill`` needs its destination rows zeroed before this (the caller
+    knows which rows of its output those are)."""
     if len(exe.pack_table):
         _apply(x_flat, send_buf, exe.pack_table, False, backend)
     return _places(exe.sends, x_flat, send_buf), _places(exe.recvs, out_flat, recv_buf)

@@ -112,6 +112,8 @@ class World:
 
     def close(self) -> None:
         for p in self._procs:
+            if p.pid is None:  # never started (spawning failed): nothing to stop
+                continue
             if p.is_alive():
                 p.kill()
             p.join(timeout=5)

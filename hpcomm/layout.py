@@ -552,8 +552,6 @@ class Layout:
         full = (np.array([0], _I64), np.array([self.num_rows], _I64))
         if self._kind in ("replicated", "contiguous", "dp", "cp"):
             return full if self.num_rows else (np.zeros(0, _I64), np.zeros(0, _I64))
-        if self._kind == "nest":
-            return self._spec[0].covered_runs()
         starts = np.concatenate([self.runs(r)[0] for r in self.ranks])
         lengths = np.concatenate([self.runs(r)[1] for r in self.ranks])
         if len(starts) == 0:

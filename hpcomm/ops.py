@@ -74,9 +74,10 @@ def _transform_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) ->
     ctx.anchor_shape = inputs[1].shape
 
 
-def _transform_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-    grad_x = transform_backward(grad.contiguous(), ctx.handle)
-    return grad_x, grad.new_zeros(ctx.anchor_shape), None
+def _transform_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    # the anchor only keeps the output in the graph; its gradient is None (it lives on the CPU
+    # whatever the data's device)
+    return transform_backward(grad.contiguous(), ctx.handle), None, None
 
 
 transform.register_autograd(_transform_grad, setup_context=_transform_setup)

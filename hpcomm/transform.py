@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -101,6 +102,8 @@ class Transform:
         self._anchor = torch.zeros(0, requires_grad=True)
         self._pool = engine.BufferPool()
         self._fingerprint: int | None = None
+        self._transposed: dict[int, RankPlan] = {}
+        self._scales: dict[tuple[int, torch.dtype, torch.device, int], torch.Tensor] = {}
         self._handle = ops.register_transform(self)
 
     def __repr__(self) -> str:
@@ -150,10 +153,7 @@ class Transform:
             raise error
         anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
         if out is None and not async_op:
-            # nothing to do on this rank; but a collective needs every member, so the shortcut
-            # is taken only on point-to-point transport or when no rank moves anything at all
-            if self._materialize(x, rank, False).identity and (
-                    self._transport(False) == "grouped" or self.src == self.dst):
+            if self.src == self.dst:  # an identity: every rank returns its input, uncopied
                 return _Alias.apply(x, anchor, self)
             return ops.transform(x, anchor, self._handle)
         job = self._start(x, rank, False, out, out_rows, transport=self._transport(False))
@@ -214,7 +214,9 @@ class Transform:
         if not backward:
             return self.plan.rank_plan(rank)
         if self._grad_plan is None:
-            return self.plan.rank_plan(rank).transpose()
+            if rank not in self._transposed:  # cached: the engine's tables are keyed by the plan
+                self._transposed[rank] = self.plan.rank_plan(rank).transpose()
+            return self._transposed[rank]
         return self._grad_plan.rank_plan(rank)
 
     def _geometry(self, x: torch.Tensor, rank: int, backward: bool
@@ -264,6 +266,8 @@ class Transform:
                               f"on {x.device}")
         if not out.is_contiguous():
             return ValueError(f"rank {rank}: out must be contiguous")
+        if out.numel() and x.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            return ValueError(f"rank {rank}: out shares memory with the input; pass a separate tensor")
         if out_rows is None:
             if tuple(out.shape) != shape:
                 return ValueError(f"rank {rank}: out has shape {tuple(out.shape)}, the destination "
@@ -288,16 +292,20 @@ class Transform:
     def _agree(self, x: torch.Tensor, rank: int, backward: bool, error: Exception | None) -> None:
         """Cross-rank validation: every participant raises the same error if any disagrees."""
         if self._fingerprint is None:
-            self._fingerprint = (self.src.fingerprint() * 31 + self.dst.fingerprint()
-                                 + GRAD_MODES.index(self.grad)) & ((1 << 63) - 1)
+            # every option that changes what crosses the wire, or how, is part of the transform
+            options = repr((self.grad, str(self.wire_dtype), self.collectives, self.zero_copy))
+            self._fingerprint = (self.src.fingerprint() * 31 + self.dst.fingerprint() * 7
+                                 + _digest(options)) & ((1 << 63) - 1)
         ok = error is None
         keep = -1 if self.plan.col_mode else None
         fields = [self._fingerprint, int(backward), int(not ok)]
         if ok:
+            dims = list(x.shape[1:keep])
+            # the whole trailing shape is compared through its digest; a few dims are shown
             fields += [_DTYPES.index(x.dtype) if x.dtype in _DTYPES else len(_DTYPES),
                        _DEVICE_TYPES.index(x.device.type) if x.device.type in _DEVICE_TYPES else -1,
-                       len(x.shape[1:keep]), *list(x.shape[1:keep])[:8]]
-        fields += [-1] * (14 - len(fields))
+                       _digest(repr(dims)), len(dims), *dims[:_SHOWN_DIMS]]
+        fields += [-1] * (_FINGERPRINT_LEN - len(fields))
         table = comm.agree(torch.tensor(fields, dtype=torch.int64), self.ranks, self.group,
                            self.timeout).tolist()
         problems = []
@@ -319,11 +327,11 @@ class Transform:
             if row[4] != row0[4]:
                 problems.append(f"rank {r} passes a {_DEVICE_TYPES[row[4]]} tensor, rank {r0} a "
                                 f"{_DEVICE_TYPES[row0[4]]} tensor")
-            if row[5:] != row0[5:]:
-                problems.append(f"rank {r} passes trailing dims {row[6:6 + row[5]]}, rank {r0} passes "
-                                f"{row0[6:6 + row0[5]]}")
+            if row[5] != row0[5]:
+                problems.append(f"rank {r} passes trailing dims {_dims(row)}, rank {r0} passes "
+                                f"{_dims(row0)}")
         if problems:
-            detail = f"rank {rank}: {error}" if error is not None else "; ".join(problems)
+            detail = str(error) if error is not None else "; ".join(problems)
             raise ValueError(f"hpcomm validation failed on rank {rank}: {detail}"
                              + (f" (all problems: {'; '.join(problems)})" if error is not None else ""))
 
@@ -357,30 +365,34 @@ class Transform:
         out_shape = self._geometry(x, rank, backward)[4]
         if backward and self.grad == "mean":
             x = x * self._mean_scale(rank, x)
-        x_flat = x.contiguous().view(-1)
+        x_flat = x.detach().contiguous().view(-1)
         if out is None:
             out = x_flat.new_empty(out_shape)
+        # the engine writes through a detached alias: autograd sees the call as one op (_Into)
+        data = out.detach()
         rows = None if out_rows is None else torch.as_tensor(out_rows, device=out.device)
         if transport in ("all_gather", "broadcast"):
             # the collective writes whole rows in order: into out, or a shard-shaped staging tensor
-            target = out if rows is None else out.new_empty(out_shape)
+            target = data if rows is None else data.new_empty(out_shape)
             if transport == "broadcast" and rank in self.src.ranks:
                 if rank not in self.dst.ranks:  # a source-only root sends its input as it is
                     return _Job(None, x_flat, out, "", x_flat, x_flat, [], [], transport, None)
-                target.copy_(x.view(out_shape))
+                target.copy_(x_flat.view(out_shape))
             return _Job(None, x_flat, out, "", x_flat, target.view(-1), [], [], transport, rows)
         row_map = None
         if rows is not None:
             starts, lengths = runs_from_rows(rows.cpu().numpy().astype(np.int64))
             row_map = (tuple(starts.tolist()), tuple(lengths.tolist()))
         exe = self._materialize(x, rank, backward, row_map, buffered=transport == "all_to_all")
+        if exe.plan.zero_fill:  # only the destination rows: the rest of a caller's out is theirs
+            data.zero_() if rows is None else data.index_fill_(0, rows, 0)
         wire = self.wire_dtype or x.dtype
         # with a wire dtype the buffers hold wire elements and pack / unpack convert in the same
         # pass; the torch kernels convert (the C++/CUDA/Triton ones move bits of one dtype)
         backend = resolve_backend(self.backend if wire == x.dtype else "torch", x.device)
         send_buf = self._pool.take(exe.send_numel, wire, x.device)
         recv_buf = self._pool.take(exe.recv_numel, wire, x.device)
-        sends, recvs = engine.post_messages(exe, x_flat, out.view(-1), send_buf, recv_buf, backend)
+        sends, recvs = engine.post_messages(exe, x_flat, data.view(-1), send_buf, recv_buf, backend)
         if transport == "all_to_all":  # the buffers hold the messages in peer (= group rank) order
             sends, recvs = [(None, send_buf)], [(None, recv_buf)]  # type: ignore[list-item]  # peers unused
         return _Job(exe, x_flat, out, backend, send_buf, recv_buf, sends, recvs, transport, None)
@@ -405,9 +417,9 @@ class Transform:
     def _complete(self, job: _Job) -> torch.Tensor:
         if job.exe is None:  # a whole-row collective: only a staged result is left to place
             if job.rows is not None and job.out.numel():
-                job.out.index_copy_(0, job.rows, job.recv_buf.view(-1, *job.out.shape[1:]))
+                job.out.detach().index_copy_(0, job.rows, job.recv_buf.view(-1, *job.out.shape[1:]))
             return job.out
-        engine.finish(job.exe, job.x_flat, job.recv_buf, job.out.view(-1), job.backend)
+        engine.finish(job.exe, job.x_flat, job.recv_buf, job.out.detach().view(-1), job.backend)
         self._pool.give(job.send_buf)
         self._pool.give(job.recv_buf)
         return job.out
@@ -471,11 +483,30 @@ class Transform:
     def _mean_scale(self, rank: int, grad: torch.Tensor) -> torch.Tensor:
         """1 / (number of destination ranks holding each element) for ``rank``'s rows, broadcastable
         against its gradient."""
-        counts = _holder_counts(self.plan, rank)
-        scale = torch.from_numpy(1.0 / np.maximum(counts, 1)).to(grad.dtype).to(grad.device)
-        if self.plan.col_mode:
-            return scale.view(scale.shape[0], *([1] * (grad.dim() - 2)), scale.shape[1])
-        return scale.view(-1, *([1] * (grad.dim() - 1)))
+        key = (rank, grad.dtype, grad.device, grad.dim())
+        if key not in self._scales:  # pure data of the plan: computed once per rank and geometry
+            counts = _holder_counts(self.plan, rank)
+            scale = torch.from_numpy(1.0 / np.maximum(counts, 1)).to(grad.dtype).to(grad.device)
+            if self.plan.col_mode:
+                scale = scale.view(scale.shape[0], *([1] * (grad.dim() - 2)), scale.shape[1])
+            else:
+                scale = scale.view(-1, *([1] * (grad.dim() - 1)))
+            self._scales[key] = scale
+        return self._scales[key]
+
+
+_SHOWN_DIMS = 8
+_FINGERPRINT_LEN = 7 + _SHOWN_DIMS
+
+
+def _digest(text: str) -> int:
+    """A 63-bit digest equal across processes (``hash`` of str is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _dims(row: list[int]) -> str:
+    shown = row[7:7 + min(row[6], _SHOWN_DIMS)]
+    return str(shown)[:-1] + (", ...]" if row[6] > _SHOWN_DIMS else "]")
 
 
 def _dtype_name(index: int) -> str:
@@ -511,17 +542,18 @@ class _Into(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None, None, None]:
+                 ) -> tuple[torch.Tensor, None, torch.Tensor | None, None, None, None]:
         rows = ctx.rows
         grad_y = grad_out if rows is None else grad_out.index_select(0, rows)
         grad_x = ops.transform_backward(grad_y.contiguous(), ctx.transform._handle)
         grad_base = None if rows is None else grad_out.index_fill(0, rows, 0)
-        return grad_x, torch.zeros_like(ctx.transform._anchor), grad_base, None, None, None
+        return grad_x, None, grad_base, None, None, None
 
 
 class _Alias(torch.autograd.Function):
-    """An identity transform on this rank: the result is the input itself (no copy), and the
-    gradient still takes the collective backward path (replicas may need each other's)."""
+    """An identity transform (src == dst): the result is the input itself, a view on every rank
+    (no copy), and the gradient still takes the collective backward path (replicas may need each
+    other's)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor, transform: Transform) -> torch.Tensor:
@@ -529,9 +561,9 @@ class _Alias(torch.autograd.Function):
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         grad_x = ops.transform_backward(grad.contiguous(), ctx.transform._handle)
-        return grad_x, torch.zeros_like(ctx.transform._anchor), None
+        return grad_x, None, None
 
 
 def _holder_counts(plan: Plan, rank: int) -> np.ndarray:

@@ -172,3 +172,61 @@ def identity_on_one_rank(rank, world_size):
 
 def test_identity_rank_still_joins_the_collective(world):
     assert all(world(4).run(identity_on_one_rank))
+
+
+def partial_into_rows(rank, world_size):
+    # a partial source zero-fills its destination rows before adding: only those rows of out
+    src, dst = Layout.replicated(range(world_size), 2).as_partial(), Layout.contiguous(range(world_size), 2)
+    t = Transform(src, dst)
+    weight = torch.ones(4, 3, requires_grad=True)
+    base = weight * 7.0
+    y = t(torch.ones(2, 3), out=base, out_rows=[2])
+    coeff = torch.arange(12.0).view(4, 3)
+    (y * coeff).sum().backward()
+    expect = torch.full((4, 3), 7.0)
+    expect[2] = float(world_size)
+    grad = coeff * 7.0
+    grad[2] = 0
+    return torch.equal(y.detach(), expect), torch.equal(weight.grad, grad)
+
+
+def test_partial_source_into_rows_keeps_the_other_rows(world):
+    for flags in world(2).run(partial_into_rows):
+        assert all(flags), flags
+
+
+def long_trailing_shape(rank, world_size):
+    lay = Layout.contiguous(range(world_size), 4)
+    shape = (2,) + (1,) * 8 + ((2,) if rank == 0 else (3,))
+    try:
+        Transform(lay, Layout.replicated(range(world_size), 4), validate=True, timeout=20)(torch.zeros(shape))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_validation_compares_the_whole_trailing_shape(world):
+    for msg in world(2).run(long_trailing_shape):
+        assert "passes trailing dims [1, 1, 1, 1, 1, 1, 1, 1, ...]" in msg, msg
+
+
+def test_nest_coverage_counts_only_what_inner_layouts_hold():
+    import pytest
+    outer = Layout.contiguous([0, 1], 4)
+    holey = Layout.nest(outer, [Layout.from_rows({0: [0]}, 2), Layout.from_rows({1: [0, 1]}, 2)])
+    with pytest.raises(ValueError, match=r"destination row 1 \(held by rank 2\) is held by no source rank"):
+        Transform(holey, Layout.replicated([2], 4))
+    partial_dst = Layout.nest(outer, [Layout.replicated([0], 2), Layout.from_rows({1: [0]}, 2)])
+    t = Transform(Layout.from_rows({0: [0, 1, 2]}, 4), partial_dst)
+    x = torch.arange(8.0).view(4, 2)
+    out = t.simulate({0: x[:3], 1: x[:0]})
+    assert torch.equal(out[0], x[:2]) and torch.equal(out[1], x[2:3])
+
+
+def test_out_sharing_memory_with_the_input_is_refused():
+    import pytest
+    lay = Layout.cp([0, 1], [4, 4], "zigzag")
+    t = Transform(lay, Layout.contiguous([0, 1], 8))
+    ins = {r: lay.shard(torch.arange(16.0).view(8, 2), r) for r in (0, 1)}
+    with pytest.raises(ValueError, match="rank 0: out shares memory with the input"):
+        t.simulate(ins, out=ins)
