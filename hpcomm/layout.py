@@ -59,8 +59,7 @@ def split_at(starts: np.ndarray, ends: np.ndarray, bps: np.ndarray) -> Pieces:
     last = np.searchsorted(bps, ends, "left")
     counts = np.maximum(last - first, 0)
     idx = np.repeat(np.arange(len(starts), dtype=_I64), counts)
-    offsets = np.arange(int(counts.sum()), dtype=_I64) - np.repeat(np.cumsum(counts) - counts, counts)
-    bins = first[idx] + offsets
+    bins = first[idx] + ragged_arange(counts)
     return idx, np.maximum(starts[idx], bps[bins]), np.minimum(ends[idx], bps[bins + 1]), bins
 
 
@@ -85,10 +84,14 @@ def runs_from_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows[heads].astype(_I64), lengths.astype(_I64)
 
 
+def ragged_arange(counts: np.ndarray) -> np.ndarray:
+    """0 .. counts[i] - 1 for every i, back to back: each item's position within its group."""
+    counts = np.asarray(counts, _I64)
+    return np.arange(int(counts.sum()), dtype=_I64) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 def expand_runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    total = int(lengths.sum())
-    offsets = np.arange(total, dtype=_I64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(starts, lengths) + offsets
+    return np.repeat(starts, lengths) + ragged_arange(lengths)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -603,7 +606,7 @@ class ChunkIndex:
         j1 = _chunk_of(pe - 1 - off, q, r) + 1
         counts = j1 - j0
         piece = np.repeat(np.arange(len(ps), dtype=_I64), counts)
-        j = j0[piece] + np.arange(len(piece), dtype=_I64) - np.repeat(np.cumsum(counts) - counts, counts)
+        j = j0[piece] + ragged_arange(counts)
         qq, rr, oo = q[piece], r[piece], off[piece]
         c0 = oo + j * qq + np.minimum(j, rr)
         c1 = c0 + qq + (j < rr)

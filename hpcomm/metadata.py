@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from hpcomm.layout import Layout, _check_lengths
+from hpcomm.layout import Layout, _check_lengths, ragged_arange
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class PaddedCP:
         """(is real, real row) for every padded row."""
         lens, plens = np.asarray(self.seq_lens, np.int64), np.asarray(self.padded_lens, np.int64)
         seq = np.repeat(np.arange(len(plens)), plens)
-        offset = np.arange(int(plens.sum())) - np.repeat(np.cumsum(plens) - plens, plens)
+        offset = ragged_arange(plens)
         real_start = np.cumsum(lens) - lens
         return offset < lens[seq], real_start[seq] + offset
 

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from hpcomm.layout import Layout, split_at
+from hpcomm.layout import Layout, ragged_arange, split_at
 
 _I64 = np.int64
 _Arrays4 = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -367,8 +367,7 @@ def _expand_results(results: Sequence[Choice], inverse: np.ndarray) -> _Arrays4:
     first = np.cumsum(counts) - counts
     per_piece = counts[inverse]
     piece = np.repeat(np.arange(len(inverse), dtype=_I64), per_piece)
-    offs = np.arange(len(piece), dtype=_I64) - np.repeat(np.cumsum(per_piece) - per_piece, per_piece)
-    rows = flat[first[inverse][piece] + offs] if len(piece) else np.zeros((0, 3), _I64)
+    rows = flat[first[inverse][piece] + ragged_arange(per_piece)] if len(piece) else np.zeros((0, 3), _I64)
     return piece, rows[:, 0], rows[:, 1], rows[:, 2]
 
 
