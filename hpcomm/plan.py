@@ -177,7 +177,8 @@ class Plan:
         return c if c is not None else (0, self.num_cols)
 
     def width(self, layout: Layout, rank: int) -> int:
-        """Local width in column units of ``rank`` in ``layout`` (0 if it holds nothing there)."""
+        """Local width in column units of ``rank`` in ``layout``; for a rank outside the layout the
+        full width, the logical trailing shape a non-member passes."""
         if rank not in layout._rank_pos:
             return self.num_cols if self.col_mode else 1
         c0, c1 = self.cols_of(layout, layout.index(rank))
