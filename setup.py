@@ -88,9 +88,9 @@ setup(
         "cupy": ["cupy-cuda12x"],
     },
     entry_points={"console_scripts": [
-        "hpcomm-demo=hpcomm.demo:main",
+        "hpcomm-demo=hpcomm.tools.demo:main",
         "hpcomm-train=hpcomm.trainer.train:main",
-        "hpcomm-bench=hpcomm.benchmark:main",
+        "hpcomm-bench=hpcomm.tools.bench:main",
     ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

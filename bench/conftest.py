@@ -3,7 +3,7 @@ the default ``python -m pytest`` run collects only tests/ (testpaths in pyprojec
 
 import pytest
 
-from hpcomm.launch import World
+from hpcomm.tools.launch import World
 
 
 @pytest.fixture(scope="session")

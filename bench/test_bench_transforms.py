@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hpcomm import benchmark
+from hpcomm.tools import bench as benchmark
 
 ROWS = int(os.environ.get("HPCOMM_BENCH_ROWS", 65536))
 ROUNDS, WARMUP = 10, 2
@@ -66,5 +66,5 @@ def test_target(benchmark_fixture, world4, name, src, dst, baseline, target, met
 
 @pytest.fixture
 def benchmark_fixture(benchmark):
-    """pytest-benchmark's fixture under a name that does not shadow the hpcomm.benchmark module."""
+    """pytest-benchmark's fixture under a name that does not shadow the hpcomm.tools.bench module."""
     return benchmark

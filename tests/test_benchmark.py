@@ -4,7 +4,7 @@ every method must verify."""
 
 import json
 
-from hpcomm import benchmark
+from hpcomm.tools import bench as benchmark
 
 
 def test_cli_tiny_rows_to_hidden(capsys, tmp_path, world):

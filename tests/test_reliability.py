@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from hpcomm import Layout, Transform, backends
 from hpcomm.comm import TransformError
-from hpcomm.launch import RemoteError, World
+from hpcomm.tools.launch import RemoteError, World
 from hpcomm.plan import Plan
 from strategies import dest_layouts, shard_all, source_layouts
 

@@ -1,7 +1,7 @@
 """hpcomm-demo: a colocated and a non-colocated boundary transform on local gloo processes.
 
     hpcomm-demo                  # 4 local processes
-    torchrun --nproc-per-node 4 -m hpcomm.demo
+    torchrun --nproc-per-node 4 -m hpcomm.tools.demo
 
 Each rank prints what it sent, received and kept, and checks its result against the global tensor.
 """
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from hpcomm import Layout, Transform
-from hpcomm.launch import spawn
+from hpcomm.tools.launch import spawn
 
 SAMPLE_LENS = [300, 120, 520, 64, 210, 90, 410, 150]
 HIDDEN = 64

@@ -4,7 +4,7 @@
     hpcomm-bench --src "dp=4,dp_assign=balanced" --dst "cp=2,tp=2" --sweep --backward --plot bw.png
     hpcomm-bench --src "dp=2" --dst "cp=2" --placement noncolocated --json out.json
     hpcomm-bench --preset targets                     # the CPU targets, PASS/MISS per target
-    torchrun --nproc-per-node 8 -m hpcomm.benchmark --src "dp=8" --dst "cp=4,tp=2"  # NCCL on GPUs
+    torchrun --nproc-per-node 8 -m hpcomm.tools.bench --src "dp=8" --dst "cp=4,tp=2"  # NCCL on GPUs
 
 A layout spec is comma-separated key=value pairs: ``dp``, ``cp``, ``tp`` degrees (a Layout.grid in
 Megatron order, TP fastest) with ``cp_mode`` (zigzag | contiguous), ``tp_mode`` (sp | replicate |
@@ -53,7 +53,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpcomm.launch import World
+from hpcomm.tools.launch import World
 from hpcomm.layout import Layout
 from hpcomm.transform import Transform
 
