@@ -437,9 +437,12 @@ class Prefetcher:
 def grad_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
                params: Iterable[tuple[str, nn.Parameter]]) -> torch.Tensor:
     """[encoder, llm]: max |grad - reference grad| over this rank's (sharded) parameters, and the
-    max |reference grad| over the same elements (to state the error relative to the scale)."""
+    max |reference grad| over the same elements (to state the error relative to the scale).
+    Frozen parameters have no gradient on either side and are skipped."""
     error = torch.zeros(2, 2)
     for name, p in params:
+        if name not in reference:
+            continue
         ref = reference[name]
         if hasattr(p, "tp_shard"):
             dim, index, parts = p.tp_shard
