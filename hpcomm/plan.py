@@ -208,6 +208,10 @@ class Plan:
             return "all_gather"
         return None
 
+    def crosses_wire(self) -> bool:
+        """Whether any rank sends anything to another rank (interim: from every rank's plan)."""
+        return any(self.rank_plan(r).sends for r in self.src.ranks)
+
     # -- the one rule both sides of every message apply --------------------------------------------
 
     def choose(self, holders: tuple[int, ...], dst_pos: int) -> Choice:

@@ -86,6 +86,34 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+class Prepared:
+    """A table prepared for one backend and device (interim: the table itself)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table
+
+
+class Backend:
+    """Interim adapter of a registered copy function to prepare/apply."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def prepare(self, table: torch.Tensor, device: torch.device) -> Prepared:
+        return Prepared(table if device.type == "cpu" else table.to(device))
+
+    def apply(self, prepared: Prepared, src: torch.Tensor, dst: torch.Tensor, accumulate: bool) -> None:
+        _BACKENDS[self.name](src, dst, prepared.table, accumulate)
+
+
+def backend_names() -> tuple[str, ...]:
+    return ("torch", "cpp", "cuda", "triton")
+
+
+def get_backend(name: str, device: torch.device) -> Backend:
+    return Backend(resolve_backend(name, device))
+
+
 def copy_segments(src: torch.Tensor, dst: torch.Tensor, table: torch.Tensor, accumulate: bool = False,
                   backend: str = "torch") -> None:
     """Apply a segment table (see module docstring). src, dst: flat contiguous, same dtype and device."""
