@@ -385,7 +385,7 @@ class Engine:
                 return ValueError(f"rank {rank}: {what} of shape {tuple(x.shape)} has no column dim, "
                                   f"but the layouts split columns")
             if x.shape[-1] != plan.in_cols:
-                return ValueError(f"rank {rank}: {what}'s last dim is {x.shape[-1]}, but the layout gives "
+                return ValueError(f"rank {rank}: {what} has last dim {x.shape[-1]}, but the layout gives "
                                   f"this rank {plan.in_cols} columns")
         wire = self.spec.wire_dtype
         if wire is not None and (x.dtype.is_floating_point != wire.is_floating_point or x.is_complex()):

@@ -54,10 +54,8 @@ def _(grad: torch.Tensor, handle: torch.Tensor, in_shape: Sequence[int]) -> torc
 
 
 def _transform_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    ctx.handle = inputs[2]
+    ctx.handle = inputs[2]  # the handle tensor keeps its engine alive (Transform sets that up)
     ctx.in_shape = inputs[0].shape
-    # keeps the engine alive as long as the graph (when the op runs, not while it is traced)
-    ctx.engine = None if isinstance(inputs[2], torch._subclasses.FakeTensor) else engine.lookup(int(inputs[2]))
 
 
 def _transform_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:

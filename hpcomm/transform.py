@@ -74,6 +74,9 @@ class Transform:
             (plan.crosses_wire(), grad is not None and (gplan or plan).crosses_wire()))
         self._engine = engine.Engine(self.spec)
         self._handle = torch.tensor([engine.register(self._engine)], dtype=torch.int64)
+        # the registry holds engines weakly; an autograd graph holds this tensor, so a graph whose
+        # Transform is gone can still run its backward
+        self._handle.engine = self._engine  # type: ignore[attr-defined]
         self._anchor = torch.zeros(0, requires_grad=grad is not None)
         self._out_like: torch.Tensor | None = None
         if dist.is_available() and dist.is_initialized() and dist.get_rank() in self.spec.ranks:
