@@ -45,7 +45,8 @@ _MAX_PROGRAMS = 8192
 _MAX_PROGRAMS_INTERPRETED = 4
 
 
-def _segment_kernel(src, dst, table, chunk_ends, num_segments, PIECE: tl.constexpr,
+# Pointer and size parameters stay unannotated: triton specializes on annotations.
+def _segment_kernel(src, dst, table, chunk_ends, num_segments, PIECE: tl.constexpr,  # type: ignore[no-untyped-def]
                     ACCUMULATE: tl.constexpr, ROUND_VIA_FLOAT: tl.constexpr, IS_BF16_BITS: tl.constexpr,
                     IS_BOOL: tl.constexpr, BLOCK: tl.constexpr):
     total = tl.load(chunk_ends + num_segments - 1)
