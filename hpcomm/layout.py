@@ -73,6 +73,22 @@ def compose_runs(inner_starts: np.ndarray, inner_lengths: np.ndarray, outer_star
     return merge_runs(outer_starts[bins] + (ps - bounds[bins]), pe - ps)
 
 
+def union_runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted, disjoint runs covering the union of (possibly overlapping) runs; touching runs fuse."""
+    keep = lengths > 0
+    starts, ends = starts[keep], (starts + lengths)[keep]
+    if len(starts) == 0:
+        return starts.astype(_I64), ends.astype(_I64)
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], ends[order]
+    reach = np.maximum.accumulate(ends)
+    new = np.ones(len(starts), dtype=bool)
+    new[1:] = starts[1:] > reach[:-1]
+    heads = np.flatnonzero(new)
+    tails = np.append(heads[1:], len(starts)) - 1
+    return starts[heads].astype(_I64), (reach[tails] - starts[heads]).astype(_I64)
+
+
 def runs_from_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Compress a row list (local order) into maximal runs of consecutive increasing rows."""
     if len(rows) == 0:
@@ -412,6 +428,10 @@ class Layout:
         i = self.index(rank)
         return None if self._cols is None else self._cols[i]
 
+    def has_rank(self, rank: int) -> bool:
+        """Whether ``rank`` is one of the layout's ranks (it may hold zero rows)."""
+        return rank in self._rank_pos
+
     def index(self, rank: int) -> int:
         """Position of ``rank`` in ``ranks``."""
         try:
@@ -557,16 +577,7 @@ class Layout:
             return full if self.num_rows else (np.zeros(0, _I64), np.zeros(0, _I64))
         starts = np.concatenate([self.runs(r)[0] for r in self.ranks])
         lengths = np.concatenate([self.runs(r)[1] for r in self.ranks])
-        if len(starts) == 0:
-            return starts, lengths
-        order = np.argsort(starts, kind="stable")
-        starts, ends = starts[order], (starts + lengths)[order]
-        reach = np.maximum.accumulate(ends)
-        new = np.ones(len(starts), dtype=bool)
-        new[1:] = starts[1:] > reach[:-1]
-        heads = np.flatnonzero(new)
-        tails = np.append(heads[1:], len(starts)) - 1
-        return starts[heads], reach[tails] - starts[heads]
+        return union_runs(starts, lengths)
 
     @cached_property
     def holder_index(self) -> HolderIndex | ChunkIndex:

@@ -20,12 +20,12 @@ send from every holder, and the destination adds the contributions in source-ran
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
 
-from hpcomm.layout import Layout, ragged_arange, split_at
+from hpcomm.layout import Layout, ragged_arange, split_at, union_runs
 
 _I64 = np.int64
 _Arrays4 = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -208,6 +208,55 @@ class Plan:
             return "all_gather"
         return None
 
+    def crosses_wire(self) -> bool:
+        """Whether some rank sends something to another rank (False: every rank at most copies
+        locally, so no transport is needed). Pure data: every rank reaches the same answer without
+        building the other ranks' plans. Cost: each destination rank's runs checked for containment
+        in the same rank's source runs; the holder index is read only for partial sources and for
+        fill_missing rows a rank does not hold itself."""
+        return self._crosses_wire
+
+    @cached_property
+    def _crosses_wire(self) -> bool:
+        src, dst = self.src, self.dst
+        for dpos, rank in enumerate(dst.ranks):
+            want = self.cols_of(dst, dpos)
+            starts, lengths = dst.runs(rank)
+            if want[0] == want[1] or not len(starts):
+                continue
+            ends = starts + lengths
+            spos = src.index(rank) if src.has_rank(rank) else -1
+            own = self.cols_of(src, spos) if spos >= 0 else (0, 0)
+            held = (spos >= 0 and own[0] <= want[0] and want[1] <= own[1]
+                    and _contained(starts, ends, *src.runs(rank)))
+            if not src.partial and (held or not self.fill_missing):
+                # without fill_missing every element has a source holder: a peer's unless held here
+                if not held:
+                    return True
+                continue
+            if self._peer_supplies(starts, ends, spos, want, own):
+                return True
+        return False
+
+    def _peer_supplies(self, starts: np.ndarray, ends: np.ndarray, spos: int, want: tuple[int, int],
+                       own: tuple[int, int]) -> bool:
+        """Whether ``choose`` gives a source holder other than ``spos`` (-1: none) some element of
+        the rows [starts, ends) x columns ``want`` of one destination rank."""
+        index = self.src.holder_index
+        _, _, _, bins = index.split(starts, ends)
+        for b in np.unique(bins).tolist():
+            holders = index.holders_of(b)
+            # columns a peer would supply: all (partial sums) or those this rank lacks
+            if self.src.partial or spos not in holders:
+                gaps = [want]
+            else:
+                gaps = [(want[0], min(want[1], own[0])), (max(want[0], own[1]), want[1])]
+            for h in holders:
+                h0, h1 = self.cols_of(self.src, h)
+                if h != spos and any(max(h0, g0) < min(h1, g1) for g0, g1 in gaps):
+                    return True
+        return False
+
     # -- the one rule both sides of every message apply --------------------------------------------
 
     def choose(self, holders: tuple[int, ...], dst_pos: int) -> Choice:
@@ -370,6 +419,14 @@ def _expand_results(results: Sequence[Choice], inverse: np.ndarray) -> _Arrays4:
     piece = np.repeat(np.arange(len(inverse), dtype=_I64), per_piece)
     rows = flat[first[inverse][piece] + ragged_arange(per_piece)] if len(piece) else np.zeros((0, 3), _I64)
     return piece, rows[:, 0], rows[:, 1], rows[:, 2]
+
+
+def _contained(starts: np.ndarray, ends: np.ndarray, cover_starts: np.ndarray,
+               cover_lengths: np.ndarray) -> bool:
+    """Whether every range [starts, ends) lies inside the union of the cover runs."""
+    us, ul = union_runs(cover_starts, cover_lengths)
+    j = np.searchsorted(us, starts, "right") - 1
+    return bool(((j >= 0) & (ends <= (us + ul)[np.maximum(j, 0)])).all()) if len(us) else False
 
 
 def _local_rows(runs: tuple[np.ndarray, np.ndarray], global_rows: np.ndarray) -> np.ndarray:
