@@ -39,7 +39,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from hpcomm import Layout, Transform, gather_lengths
+from hpcomm import Layout, Transform
+from hpcomm.metadata import gather_lengths
 
 from .data import (EOS, IGNORE, IMG, Batch, ManifestDataset, Sample, SyntheticDataset, decode,
                    pack, patchify, prompt, rank_share, step_indices)
