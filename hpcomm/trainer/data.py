@@ -188,7 +188,16 @@ def step_indices(dataset: SyntheticDataset | ManifestDataset, step: int, batch_s
     return [part.tolist() for part in indices.tensor_split(num_micro)]
 
 
-def rank_share(indices: list[int], rank: int, world_size: int) -> list[int]:
-    """The samples `rank` reads of a micro-batch: a contiguous tensor_split part, so that the
-    global order (ascending rank, then each rank's own order) is the dataset order."""
-    return [indices[i] for i in torch.arange(len(indices)).tensor_split(world_size)[rank].tolist()]
+def rank_share(parts: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """The samples `rank` reads of each micro-batch: its contiguous tensor_split part of the
+    step's samples, cut at the micro-batch boundaries. Contiguous parts make the global order
+    (ascending rank, then each rank's own order) the dataset order."""
+    n = sum(len(part) for part in parts)
+    quotient, remainder = divmod(n, world_size)
+    lo = rank * quotient + min(rank, remainder)
+    hi = lo + quotient + (rank < remainder)
+    out, start = [], 0
+    for part in parts:
+        out.append(part[max(lo - start, 0):max(hi - start, 0)])
+        start += len(part)
+    return out

@@ -228,17 +228,18 @@ class Trainer:
         start = time.perf_counter()
         cfg, world, patch = self.cfg, self.world_size, self.cfg.model.patch
         indices = step_indices(self.dataset, step, cfg.batch_size, cfg.micro_batches, cfg.seed)
-        mine = [rank_share(part, self.rank, world) for part in indices]
+        mine = rank_share(indices, self.rank, world)
+        counts = {r: [len(part) for part in rank_share(indices, r, world)] for r in range(world)}
         local = [pack([self.dataset[i] for i in part], patch) for part in mine]
         # Per sample (text rows, patch rows), micro-batch after micro-batch, in one exchange.
         flat = [n for b in local for pair in zip(b.seq_lens, b.patch_counts) for n in pair]
         by_rank = gather_lengths(flat, group=self.meta_group) if world > 1 else {0: flat}
         offsets = {r: 0 for r in by_rank}
         micro, num_targets, flops = [], 0, 0.0
-        for m, part in enumerate(indices):
+        for m in range(len(indices)):
             text_by_rank, patches_by_rank = {}, {}
             for r in sorted(by_rank):
-                count = len(rank_share(part, r, world))
+                count = counts[r][m]
                 pairs = by_rank[r][offsets[r]:offsets[r] + 2 * count]
                 offsets[r] += 2 * count
                 text_by_rank[r], patches_by_rank[r] = pairs[0::2], pairs[1::2]

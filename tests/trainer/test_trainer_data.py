@@ -96,10 +96,10 @@ def test_step_indices_cover_epoch_once(manifest):
 def test_rank_shares_partition_in_order():
     """Ranks read contiguous parts, so ascending rank order is the dataset order; a rank may
     read nothing."""
-    indices = [7, 3, 9, 4, 5]
-    shares = [rank_share(indices, r, 4) for r in range(4)]
-    assert shares == [[7, 3], [9], [4], [5]]
-    assert rank_share([1], 3, 4) == []
+    parts = [[7, 3, 9], [4, 5, 6]]  # two micro-batches
+    shares = [rank_share(parts, r, 4) for r in range(4)]
+    assert shares == [[[7, 3], []], [[9], [4]], [[], [5]], [[], [6]]]
+    assert rank_share([[1]], 3, 4) == [[]]
 
 
 def test_synthetic_task_varies_and_is_deterministic():
