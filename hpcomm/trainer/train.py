@@ -5,19 +5,25 @@ Run it:
     hpcomm-train                                   # 4 local gloo processes, colocated,
                                                    # encoder dp=4, LLM cp=2,tp=2, synthetic data
     hpcomm-train --nproc 1                         # single process, no parallelism
-    hpcomm-train --placement noncolocated --encoder "cp=2" --llm "dp=1,cp=1,tp=2" \
-                 --micro-batches 4 --check-parity  # encoder on ranks 0-1, LLM on ranks 2-3
+    hpcomm-train --encoder inherit                 # homogeneous: the encoder in the LLM's layout
+    hpcomm-train --placement noncolocated --encoder "dp=2" --llm "pp=2" \
+                 --micro-batches 4 --check-parity  # encoder on ranks 0-1, LLM stages on 2 and 3
+    hpcomm-train --freeze-encoder --compile        # LLM-only training, compiled blocks
+    hpcomm-train --compare --plot compare.png      # baseline vs heterogeneous: table and plot
     hpcomm-train --data manifest.jsonl --plot loss.png   # JSONL lines {"image": ..., "text": ...}
     torchrun --nproc-per-node 8 -m hpcomm.trainer.train --encoder "dp=8" --llm "dp=2,cp=2,tp=2"
 
 Under torchrun the given world is used (NCCL on GPUs, gloo otherwise) and --nproc is ignored.
 Colocated: both modules on all ranks, each degree product equals the world size. Non-colocated:
-the encoder on the first encoder-size ranks, the LLM on the rest.
+the encoder on the first encoder-size ranks, the LLM on the rest. docs/TRAINER.md has the details.
 
-Each step prints loss, tokens/s and the share of step time spent in the boundary transform (forward
-plus backward, averaged over ranks, including waiting for peers). --check-parity then reruns the same
-steps as one process without any parallelism and ends with `parity: max |Δloss| = X over S steps`
-(exit status 1 if X > 1e-4).
+Each rank reads only its own samples; the next step (data, lengths exchange, layouts, transforms)
+is prepared on a background thread while the current one computes. Each step prints loss,
+tokens/s, the share of step time in the boundary transform (forward plus backward, mean over
+ranks), the worst rank's idle share (time inside communication) and the step's wait for its
+preparation; rank 0 ends with a summary and a caption the model generates for a held-out image.
+--check-parity then reruns the same steps as one process without any parallelism and ends with
+`parity: max |Δloss| = X over S steps` (exit status 1 if X > 1e-4).
 """
 
 from __future__ import annotations
