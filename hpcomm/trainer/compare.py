@@ -29,14 +29,22 @@ from .train import INHERIT, TrainConfig, free_port, train
 
 def compare_configs(cfg: TrainConfig, world_size: int) -> dict[str, TrainConfig]:
     """The homogeneous baseline, one colocated and one non-colocated heterogeneous configuration:
-    cfg's own where cfg is of that placement, else a default. The baseline runs the colocated
+    cfg's own where cfg is of that placement (and fits world_size), else a default. The baseline runs the colocated
     configuration's LLM layout with the encoder in it (what an LLM-centric framework does). With
     cfg.freeze_encoder each configuration also runs with the encoder frozen."""
-    given = not cfg.inherit
-    colocated = (cfg if given and cfg.placement == "colocated" else
+    def given(placement: str) -> bool:
+        if cfg.inherit or cfg.placement != placement:
+            return False
+        try:
+            cfg.module_ranks(world_size)
+        except ValueError:  # the CLI's default degrees on another world size
+            return False
+        return True
+
+    colocated = (cfg if given("colocated") else
                  replace(cfg, placement="colocated", encoder=ParallelDims(dp=world_size),
                          llm=cfg.llm if cfg.llm.size == world_size else ParallelDims(dp=world_size)))
-    noncolocated = (cfg if given and cfg.placement == "noncolocated" else
+    noncolocated = (cfg if given("noncolocated") else
                     replace(cfg, placement="noncolocated", encoder=ParallelDims(dp=1),
                             llm=ParallelDims(cp=world_size - 1)))
     homogeneous = replace(colocated, encoder=INHERIT)

@@ -650,12 +650,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # bad degrees fail here, with a usage message, before any process is started
         cfg = config_from_args(args)
         world_size = int(os.environ["WORLD_SIZE"]) if torchrun else args.nproc
-        if args.compare:
+        if args.compare:  # checks every configuration it will run
             from .compare import compare_configs
             configs = compare_configs(cfg, world_size)
-        elif world_size == 1:  # one process: the homogeneous model, whatever the degrees say
-            cfg = replace(cfg, encoder=ParallelDims(), llm=ParallelDims(), placement="colocated")
-        cfg.module_ranks(world_size)
+        else:
+            if world_size == 1:  # one process: the homogeneous model, whatever the degrees say
+                cfg = replace(cfg, encoder=ParallelDims(), llm=ParallelDims(),
+                              placement="colocated")
+            cfg.module_ranks(world_size)
     except ValueError as e:
         print(f"hpcomm-train: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
-"""Data: the JSONL manifest path (images made on the fly with Pillow), THD packing, the synthetic
-task, and the CLI end to end in one process (manifest, plot) and on two spawned processes
-(parity exit status)."""
+"""Data: the JSONL manifest path (images made on the fly with Pillow), THD packing, which samples
+a rank reads, the synthetic task, and the CLI end to end in one process (manifest, plot, parity
+exit status) and on spawned processes (--compare)."""
 
 import json
 
@@ -128,13 +128,22 @@ def test_synthetic_task_is_learned():
     assert result["losses"][-1] < 1.5
 
 
-def test_cli_spawns_processes_and_reports_parity(capsys):
-    code = train_mod.main(["--nproc", "2", "--encoder", "tp=2", "--llm", "cp=2", "--steps", "2",
-                           "--batch-size", "4", "--check-parity"])
-    assert code == 0
-
-
 def test_cli_parity_failure_exits_1(monkeypatch, capsys):
     monkeypatch.setattr(train_mod, "PARITY_TOLERANCE", -1.0)  # any error, even 0, now fails
     assert train_mod.main(["--nproc", "1", "--steps", "1", "--batch-size", "2",
                            "--check-parity"]) == 1
+
+
+def test_cli_compare_prints_table_and_plots(tmp_path, capsys):
+    """--compare end to end on 2 processes: baseline, colocated and non-colocated rows, all at
+    parity with the single-process run, and the plot."""
+    plot = tmp_path / "compare.png"
+    assert train_mod.main(["--compare", "--nproc", "2", "--steps", "2", "--batch-size", "4",
+                           "--plot", str(plot)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:3] == ["configuration", "step", "ms"]
+    rows = lines[2:]
+    assert len(rows) == 3 and rows[0].startswith("homogeneous")
+    assert "coloc enc dp=2" in rows[1] and "noncoloc enc dp=1" in rows[2]
+    assert all(float(row.split()[-1]) < train_mod.PARITY_TOLERANCE for row in rows)
+    assert plot.stat().st_size > 1000
