@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,7 @@ from torch import nn
 
 from hpcomm import Layout, Transform
 
-from .model import LLM, AttnContext, Block, RowFn, segments
+from .model import LLM, AttnContext, Block, segments
 
 _M = TypeVar("_M", bound=nn.Module)
 
@@ -127,7 +127,7 @@ class CommClock:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
 
-    def wrap(self, kind: str, fn: RowFn) -> RowFn:
+    def wrap(self, kind: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """fn timed in forward and (through autograd node hooks) in backward."""
         def call(x: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
             start = time.perf_counter()

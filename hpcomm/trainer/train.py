@@ -211,13 +211,15 @@ class Trainer:
             for module in (self.encoder, self.llm):
                 if module is not None:
                     apply_compile(module, cfg.compile)
-        trained = [(self.llm, self.stage_meshes[self.stage] if self.stage is not None else None)]
-        if not cfg.freeze_encoder:
+        trained: list[tuple[nn.Module, Mesh]] = []
+        if self.llm is not None:
+            trained.append((self.llm, self.stage_meshes[self.stage]))  # type: ignore[index]  # set with llm
+        if self.encoder is not None and not cfg.freeze_encoder:
             trained.append((self.encoder, self.enc_mesh))
         # One optimizer per module: each owns its schedule and its gradient reduction.
         self.optimizers = [(m, mesh, torch.optim.AdamW(m.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                                        weight_decay=0.0))
-                           for m, mesh in trained if m is not None]
+                           for m, mesh in trained]
         self.dataset = dataset or (ManifestDataset(cfg.data, cfg.model.patch) if cfg.data
                                    else SyntheticDataset(cfg.seed, cfg.model.patch))
         self.clock = CommClock()
@@ -275,7 +277,7 @@ class Trainer:
         if distributed:
             # A frozen encoder takes no gradient: nothing moves backward, and its ranks skip it.
             mb.boundary = Transform(enc, llm_images,
-                                    **({"grad": None} if cfg.freeze_encoder else {}))
+                                    grad=None if cfg.freeze_encoder else "replicated")
             mb.transfers = [Transform(a, b) for a, b in zip(stages, stages[1:])]
         # This rank's rows of the data, moved from the ranks that read them (one transform each).
         rows = torch.stack([local.tokens, local.positions, local.targets], 1)
@@ -338,7 +340,7 @@ class Trainer:
         if self.stage < len(self.stage_meshes) - 1:  # type: ignore[operator]
             mb.llm_root = self.clock.wrap("pipeline", mb.transfers[self.stage])(out)  # type: ignore[index]
         else:  # this rank's share of the step loss: summed CE over its rows / all targets
-            mb.loss = mb.llm_root = F.cross_entropy(out, mb.targets, ignore_index=IGNORE,
+            mb.loss = mb.llm_root = F.cross_entropy(out, mb.targets, ignore_index=IGNORE,  # type: ignore[arg-type]  # set on LLM ranks
                                                     reduction="sum") / num_targets
 
     def _backward(self, mbs: list[MicroBatch], i: int) -> None:
