@@ -119,6 +119,23 @@ class P2P:
                         on_device) for w, op in zip(works, ops)]
         return pend[:len(sends)], pend[len(sends):]
 
+    def gather(self, row: torch.Tensor, what: str, deadline: Deadline) -> dict[int, list[int]]:
+        """Every member's ``row`` (int64 [n], on the host) on every member: {global rank: row}."""
+        members = dist.get_process_group_ranks(self.group or dist.group.WORLD)  # type: ignore[arg-type]
+        table = torch.empty(len(members) * row.numel(), dtype=torch.int64)
+        try:
+            work = dist.all_gather_into_tensor(table, row, group=self.group, async_op=True)
+            work.wait(timedelta(seconds=deadline.left()))  # type: ignore[union-attr]
+        except RuntimeError as e:
+            timed_out = "imed out" in str(e) or "imeout" in str(e)
+            why = (f"not every rank of the transform joined within {deadline.timeout:g} s (one raised an "
+                   f"error of its own, skipped or added a call, or died)" if timed_out else
+                   f"the transport failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            raise TransformError(f"rank {dist.get_rank()}: {what}: {why}") from None
+        # group ranks follow sorted global ranks for groups made by new_group
+        return {dist.get_global_rank(self.group, i) if self.group is not None else i: r
+                for i, r in enumerate(table.view(len(members), -1).tolist())}
+
 
 class Simulated:
     """In-process transport for ``Transform.simulate``: one rank's ``post`` records its sends and

@@ -42,6 +42,7 @@ from hpcomm import comm, validate
 from hpcomm.layout import Layout, runs_from_rows, split_at
 from hpcomm.plan import Plan, RankPlan, Segments
 from hpcomm.segments import Backend, Prepared, get_backend
+from hpcomm.validate import failure as fail
 
 _I64 = np.int64
 GRAD_MODES = ("replicated", "sum", "mean", "adjoint", None)
@@ -360,6 +361,7 @@ class Engine:
         self.calls = [0, 0]  # calls made so far per direction: part of every header
         self.transport = comm.P2P(spec.group, spec.timeout)
         self._mean: Engine | None = None  # validation's reference route under "replicated"
+        self._spans: bool | None = None
 
     # geometry and checks ---------------------------------------------------------------------
 
@@ -370,23 +372,23 @@ class Engine:
         """The input checks a rank can make alone (rows, dims, device); None if it passes."""
         what = "gradient" if backward else "input"
         if not isinstance(x, torch.Tensor):
-            return TypeError(f"rank {rank}: {what} must be a torch.Tensor, got {type(x).__name__}")
+            return fail(TypeError(f"rank {rank}: {what} must be a torch.Tensor, got {type(x).__name__}"), 5)
         if x.dim() == 0:
-            return ValueError(f"rank {rank}: {what} is a zero-dim tensor; it needs a row dim")
+            return fail(ValueError(f"rank {rank}: {what} is a zero-dim tensor; it needs a row dim"), 5)
         if x.device.type == "meta":
-            return ValueError(f"rank {rank}: {what} is a meta tensor (no data to move); pass a CPU or "
-                              f"CUDA tensor")
+            return fail(ValueError(f"rank {rank}: {what} is a meta tensor (no data to move); pass a CPU or "
+                                   f"CUDA tensor"), 2)
         plan = self.spec.rank_plan(rank, backward)
         if x.shape[0] != plan.in_rows:
-            return ValueError(f"rank {rank}: {what} has {x.shape[0]} rows, but the layout gives this "
-                              f"rank {plan.in_rows}")
+            return fail(ValueError(f"rank {rank}: {what} has {x.shape[0]} rows, but the layout gives this "
+                                   f"rank {plan.in_rows}"), 3)
         if self.spec.plan.col_mode:
             if x.dim() < 2:
-                return ValueError(f"rank {rank}: {what} of shape {tuple(x.shape)} has no column dim, "
-                                  f"but the layouts split columns")
+                return fail(ValueError(f"rank {rank}: {what} of shape {tuple(x.shape)} has no column dim, "
+                                       f"but the layouts split columns"), 4)
             if x.shape[-1] != plan.in_cols:
-                return ValueError(f"rank {rank}: {what} has last dim {x.shape[-1]}, but the layout gives "
-                                  f"this rank {plan.in_cols} columns")
+                return fail(ValueError(f"rank {rank}: {what} has last dim {x.shape[-1]}, but the layout gives "
+                                  f"this rank {plan.in_cols} columns"), 4)
         wire = self.spec.wire_dtype
         if wire is not None and (x.dtype.is_floating_point != wire.is_floating_point or x.is_complex()):
             return TypeError(f"rank {rank}: wire_dtype {wire} does not fit a {x.dtype} {what}")
@@ -442,7 +444,11 @@ class Engine:
             validate.agree(spec.fingerprint, spec.ranks, rank, x, trailing, backward, error, transport)
         if error is not None:
             if crosses:
-                self._headers(rank, backward, seq, None, (), None, transport, what)
+                try:
+                    self._headers(rank, backward, seq, None, (), None, transport, what,
+                                  failed=getattr(error, "hpcomm_reason", 1))
+                except comm.TransformError:
+                    pass  # peers that never came: this rank's own error is the one to report
             raise error
         plan, outer, w_in, w_out, out_shape = spec.geometry(rank, backward, x.shape[1:])
         if backward and spec.grad == "mean":
@@ -464,7 +470,7 @@ class Engine:
                               lambda: _prepare(plan, outer, w_in, w_out, row_map, zero_copy, backend,
                                                x.device))
         bad: dict[int, str] = {}
-        if crosses and (exe.sends or exe.recvs):
+        if crosses and (exe.sends or exe.recvs or self._spans_group()):
             trailing = tuple(x.shape[1:-1] if spec.plan.col_mode else x.shape[1:])
             bad = self._headers(rank, backward, seq, x, trailing, exe, transport, what)
         if exe.plan.zero_fill:  # only the destination rows: the rest of a caller's out is theirs
@@ -495,10 +501,31 @@ class Engine:
             backend.apply(exe.local, x_flat, out_flat, False)
         return Call(self, exe, x_flat, out, send_buf, recv_buf, sends, recvs, list(bad.values()), what)
 
+    def _spans_group(self) -> bool:
+        """Whether the transform's ranks are exactly its group's members: then one small
+        all-gather shows every rank every rank's header."""
+        if self._spans is None:
+            members = dist.get_process_group_ranks(self.spec.group or dist.group.WORLD)  # type: ignore[arg-type]
+            self._spans = sorted(members) == sorted(self.spec.ranks)
+        return self._spans
+
     def _headers(self, rank: int, backward: bool, seq: int, x: torch.Tensor | None,
-                 trailing: Sequence[int], exe: Exec | None, transport: comm.P2P, what: str) -> dict[int, str]:
-        """Swap headers with every peer of this call: {peer: what it disagrees on}."""
+                 trailing: Sequence[int], exe: Exec | None, transport: comm.P2P, what: str,
+                 failed: int = 0) -> dict[int, str]:
+        """Check this call against the other ranks' before any payload moves. When the
+        transform spans its group, every rank sees every header and all decide alike: a
+        disagreement anywhere raises on every rank. Otherwise each pair of ranks that exchange
+        data swap headers: {peer: what it disagrees on} (the call completes with the others,
+        then raises)."""
         spec = self.spec
+        deadline = transport.deadline()
+        if self._spans_group():
+            mine = validate.header(spec.fingerprint, backward, seq, x, trailing, failed=failed)
+            rows = transport.gather(torch.tensor(mine, dtype=torch.int64), what + " (header)", deadline)
+            problems = validate.odd_ones(rows)
+            if problems and not failed:
+                raise ValueError(f"rank {rank}: {what} refused: " + "; ".join(problems))
+            return {}
         if exe is None:  # this rank's input is bad: tell every peer the plan gives it
             plan = spec.rank_plan(rank, backward)
             sizes = {p: (0, 0) for p, _ in plan.sends + plan.recvs}
@@ -509,27 +536,27 @@ class Engine:
             for m in exe.recvs:
                 sizes[m.peer] = (sizes.get(m.peer, (0, 0))[0], m.numel)
         peers = sorted(sizes)
-        mine = {p: validate.header(spec.fingerprint, backward, seq, x, trailing, *sizes[p]) for p in peers}
+        mine_for = {p: validate.header(spec.fingerprint, backward, seq, x, trailing, *sizes[p], failed=failed)
+                    for p in peers}
         theirs = {p: torch.empty(validate.HEADER_LEN, dtype=torch.int64) for p in peers}
-        deadline = transport.deadline()
-        sent, got = transport.post([(p, torch.tensor(mine[p], dtype=torch.int64)) for p in peers],
+        sent, got = transport.post([(p, torch.tensor(mine_for[p], dtype=torch.int64)) for p in peers],
                                    list(theirs.items()), comm.HEADER_TAG, what + " (header)", deadline)
-        if x is None:  # this rank raises its own error once its peers have the flag
+        if failed:  # this rank raises its own error once its peers have the flag
             for pending in sent:
                 try:
                     pending.wait()
                 except comm.TransformError:
                     pass  # a peer that never came; the input error is what this rank reports
             return {}
-        problems = {}
+        disagree: dict[int, str] = {}
         for p, pending in zip(peers, got):
             pending.wait()
-            text = validate.disagreement(rank, mine[p], p, theirs[p].tolist())
+            text = validate.disagreement(rank, mine_for[p], p, theirs[p].tolist())
             if text is not None:
-                problems[p] = text
+                disagree[p] = text
         for pending in sent:
             pending.wait()
-        return problems
+        return disagree
 
 
 # -- the registry the custom ops read -----------------------------------------------------------

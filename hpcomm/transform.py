@@ -11,11 +11,12 @@ from typing import Any, Callable, Literal, Mapping, Sequence, overload
 import torch
 import torch.distributed as dist
 
-from hpcomm import engine, ops
+from hpcomm import engine, ops, validate
 from hpcomm.engine import GRAD_MODES
 from hpcomm.layout import Layout
 from hpcomm.plan import get_plan
 from hpcomm.segments import backend_names
+from hpcomm.validate import failure
 
 
 class Transform:
@@ -138,7 +139,9 @@ class Transform:
         error = None if out is None else self._out_error(x, rank, out, out_rows)
         if error is None and out is None and out_rows is not None:
             error = ValueError(f"rank {rank}: out_rows needs out (the tensor the rows index)")
-        if error is None:
+        if error is not None:
+            error = failure(error, validate.REASONS.index("a bad out= or out_rows="))
+        else:
             error = self._engine.local_error(x, rank, backward=False)
         if error is not None:
             self._engine.start(x, rank, False, error=error)  # tells the peers, then raises

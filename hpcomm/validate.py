@@ -47,11 +47,24 @@ def describe_call(fields: Sequence[int]) -> str:
     return f"{direction} call #{fields[SEQ]} of transform {fields[FINGERPRINT]:016x}"
 
 
+# why a rank's own check failed, as its header tells its peers (index = the FAILED field)
+REASONS = ("", "its input check", "a meta tensor as input", "an input with the wrong number of rows",
+           "an input with the wrong width", "an input that is not a tensor with a row dim",
+           "a bad out= or out_rows=")
+
+
+def failure(exc: Exception, reason: int) -> Exception:
+    """Tag a local check's error with the reason its header reports."""
+    exc.hpcomm_reason = reason  # type: ignore[attr-defined]
+    return exc
+
+
 def header(fingerprint: int, backward: bool, seq: int, x: torch.Tensor | None, trailing: Sequence[int],
-           sends: int, expects: int) -> list[int]:
-    """This rank's header for one peer; ``x`` None: this rank's own input check failed."""
-    if x is None:
-        return [_MAGIC, fingerprint, int(backward), seq, -1, -1, -1, -1, -1, 1]
+           sends: int = -1, expects: int = -1, failed: int = 0) -> list[int]:
+    """This rank's header (for one peer, with the element counts; or for all, without); ``failed``:
+    this rank's own input check failed, for this reason (REASONS)."""
+    if failed or x is None:
+        return [_MAGIC, fingerprint, int(backward), seq, -1, -1, -1, -1, -1, failed or 1]
     return [_MAGIC, fingerprint, int(backward), seq, dtype_code(x.dtype), device_code(x.device),
             digest(repr(tuple(trailing))), sends, expects, 0]
 
@@ -62,7 +75,9 @@ def disagreement(me: int, mine: Sequence[int], peer: int, theirs: Sequence[int])
     if theirs[MAGIC] != _MAGIC:
         return f"rank {peer} sent something that is not an hpcomm header (another library's message?)"
     if theirs[FAILED]:
-        return f"rank {peer} failed its own input check (its error says why)"
+        reason = REASONS[theirs[FAILED]] if 0 < theirs[FAILED] < len(REASONS) else REASONS[1]
+        return f"rank {peer} failed its own input check: it passed {reason} (its error says more)" \
+            if theirs[FAILED] > 1 else f"rank {peer} failed its own input check (its error says why)"
     if mine[FAILED]:
         return None  # this rank raises its own error
     if mine[FINGERPRINT] != theirs[FINGERPRINT] or mine[BACKWARD] != theirs[BACKWARD] or mine[SEQ] != theirs[SEQ]:
@@ -81,10 +96,25 @@ def disagreement(me: int, mine: Sequence[int], peer: int, theirs: Sequence[int])
                 f"{device_name(theirs[DEVICE])} tensor")
     if mine[SHAPE] != theirs[SHAPE]:
         return f"ranks {me} and {peer} pass different trailing shapes"
-    if mine[SENDS] != theirs[EXPECTS] or mine[EXPECTS] != theirs[SENDS]:
+    if mine[SENDS] >= 0 and (mine[SENDS] != theirs[EXPECTS] or mine[EXPECTS] != theirs[SENDS]):
         return (f"rank {me} sends {mine[SENDS]} and expects {mine[EXPECTS]} elements, rank {peer} "
                 f"expects {theirs[EXPECTS]} and sends {theirs[SENDS]}")
     return None
+
+
+def odd_ones(rows: dict[int, list[int]]) -> list[str]:
+    """Every rank's header (no element counts) -> what the ranks that differ from the majority
+    differ in; the same list on every rank that sees the same rows."""
+    keys = {r: tuple(row[:SENDS]) + (row[FAILED],) for r, row in rows.items()}
+    values = list(keys.values())
+    majority = max(values, key=values.count)
+    leader = next(r for r, k in keys.items() if k == majority)
+    problems = []
+    for r, key in keys.items():
+        if key != majority:
+            text = disagreement(leader, rows[leader], r, rows[r])
+            problems.append(text or f"rank {r} failed its own input check")
+    return problems
 
 
 def dtype_name(code: int) -> str:
