@@ -324,13 +324,9 @@ class Trainer:
             src = x if x is not None else self.no_rows
             boundary = self.clock.wrap("boundary", mb.boundary)
             if h is None:
-                y = boundary(src)  # this rank only sends; backward starts here
+                y = boundary(src)  # this rank only sends; backward starts here (unless frozen)
                 mb.enc_root = y if y.requires_grad else None
-            elif self.cfg.freeze_encoder:
-                # the frozen transform's output has no history: write it into the embeddings
-                # out of place, so that theirs stays
-                h = h.index_put((image_pos,), boundary(src))  # type: ignore[arg-type]
-            else:  # written straight into this rank's image rows
+            else:  # written straight into this rank's image rows; the others keep their history
                 h = boundary(src, out=h, out_rows=image_pos)
         if llm is None:
             return
