@@ -6,11 +6,12 @@ segment of rows, see varlen_attention), so its memory grows with the sum of the 
 lengths, not with the square of the packed length. Which query row may see which key row follows
 from global row ids, so the same code serves the single-process model and every parallel layout.
 
-Parallelism hooks: each attention/MLP block calls ``self.enter`` before its first linear,
-``self.exit`` after its last one and ``self.gather_kv`` on its keys and values. They are identities
-here; parallelize.py replaces them with sequence-parallel and context-parallel collectives, the way
-torchtitan's parallelize_llama rewires an unparallel model. The LLM's optional parts (embeddings,
-final norm and head) may be None, as in torchtitan, so that a pipeline stage keeps only its share.
+The model knows nothing of parallelism: parallelize.py shards its weights and installs the
+sequence- and context-parallel collectives afterwards as module hooks, the way torchtitan's
+parallelize_llama does. The only concession is structural: the core attention (scores and values,
+no weights) is a module of its own, so that keys and values can be gathered on its way in. The
+LLM's optional parts (embeddings, final norm and head) may be None, as in torchtitan, so that a
+pipeline stage keeps only its share.
 """
 
 from __future__ import annotations
@@ -93,8 +94,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-def identity(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-    return x
+class CoreAttention(nn.Module):
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """q [rows, heads, head_dim], kv [key rows, heads, 2 * head_dim] (K and V side by side)
+        -> [rows, heads, head_dim]."""
+        k, v = kv.chunk(2, -1)
+        return varlen_attention(q, k, v, ctx.segments)
 
 
 class Attention(nn.Module):
@@ -103,16 +108,12 @@ class Attention(nn.Module):
         self.head_dim = dim // heads
         self.wq, self.wk, self.wv = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.wo = nn.Linear(dim, dim, bias=False)
-        self.enter = self.exit = self.gather_kv = identity
+        self.core = CoreAttention()
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        x = self.enter(x, ctx)
-        # Local head count follows the (possibly tensor-parallel sharded) weights.
+        # The head count follows the weights (fewer per rank once they are sharded by heads).
         q, k, v = (w(x).unflatten(-1, (-1, self.head_dim)) for w in (self.wq, self.wk, self.wv))
-        # [rows, local heads, head_dim]; K and V travel together (one collective under CP).
-        k, v = self.gather_kv(torch.cat([k, v], -1), ctx).chunk(2, -1)
-        out = varlen_attention(q, k, v, ctx.segments)
-        return self.exit(self.wo(out.flatten(1)), ctx)
+        return self.wo(self.core(q, torch.cat([k, v], -1), ctx).flatten(1))
 
 
 class MLP(nn.Module):
@@ -120,10 +121,10 @@ class MLP(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(dim, 4 * dim, bias=False)
         self.w2 = nn.Linear(4 * dim, dim, bias=False)
-        self.enter = self.exit = identity
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        return self.exit(self.w2(F.gelu(self.w1(self.enter(x, ctx)))), ctx)
+        """ctx is unused: blocks call their attention and MLP alike (see parallelize's hooks)."""
+        return self.w2(F.gelu(self.w1(x)))
 
 
 class Block(nn.Module):

@@ -15,7 +15,8 @@ the way torchtitan's parallelize_llama and pipeline_llama do.
 - compile (apply_compile): each block under torch.compile; the collectives and the per-sample
   attention loop stay eager, so layouts that change every step do not recompile.
 
-All row bookkeeping comes from hpcomm layouts; the SP and CP collectives are hpcomm transforms.
+All row bookkeeping comes from hpcomm layouts; the SP and CP collectives are hpcomm transforms,
+installed as forward hooks on the unparallel modules (the model has no parallelism hooks of its own).
 """
 
 from __future__ import annotations
@@ -159,6 +160,26 @@ def cp_gather(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
     return ctx.cp_gather(x)  # type: ignore[misc]  # set by attn_context when cp > 1
 
 
+# Module hooks (torchtitan's PrepareModuleInput / PrepareModuleOutput): args are (x, ctx) for a
+# TP region and (q, kv, ctx) for the core attention. The collectives are looked up when called.
+
+def _enter_tp_region(module: nn.Module, args: tuple[torch.Tensor, AttnContext]
+                     ) -> tuple[torch.Tensor, AttnContext]:
+    x, ctx = args
+    return sp_gather(x, ctx), ctx
+
+
+def _leave_tp_region(module: nn.Module, args: tuple[torch.Tensor, AttnContext],
+                     out: torch.Tensor) -> torch.Tensor:
+    return sp_reduce_scatter(out, args[1])
+
+
+def _gather_kv(module: nn.Module, args: tuple[torch.Tensor, torch.Tensor, AttnContext]
+               ) -> tuple[torch.Tensor, torch.Tensor, AttnContext]:
+    q, kv, ctx = args  # K and V travel together: one collective
+    return q, cp_gather(kv, ctx), ctx
+
+
 # ---------------------------------------------------------------- applying the parallelism
 
 def _shard(linear: nn.Linear, dim: int, tp_rank: int, tp: int) -> None:
@@ -184,10 +205,11 @@ def parallelize(module: _M, mesh: Mesh) -> _M:
                 _shard(linear, 0, tp_rank, tp)
             for linear in (attn.wo, mlp.w2):
                 _shard(linear, 1, tp_rank, tp)
-            attn.enter = mlp.enter = sp_gather
-            attn.exit = mlp.exit = sp_reduce_scatter
+            for region in (attn, mlp):
+                region.register_forward_pre_hook(_enter_tp_region)
+                region.register_forward_hook(_leave_tp_region)
         if mesh.dims.cp > 1:
-            attn.gather_kv = cp_gather
+            attn.core.register_forward_pre_hook(_gather_kv)
     return module
 
 
