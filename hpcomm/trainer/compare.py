@@ -69,7 +69,6 @@ def _run(rank: int, world_size: int, port: int, cfg: TrainConfig, path: str) -> 
     finally:
         dist.destroy_process_group()
     if rank == 0:
-        result.pop("touched")
         with open(path, "w") as f:
             json.dump(result, f)
 

@@ -140,7 +140,6 @@ class PreparedStep:
     micro: list[MicroBatch]
     num_targets: int
     flops: float
-    touched: list[int]        # dataset indices this rank read
     prepare_seconds: float    # building it (data, metadata, layouts, transforms), off the step
 
 
@@ -257,8 +256,7 @@ class Trainer:
             flops += model_flops(cfg.model, seq_lens, patch_counts, not cfg.freeze_encoder)
             micro.append(self._micro_batch(local[m], text_by_rank, patches_by_rank, seq_lens,
                                            patch_counts))
-        return PreparedStep(micro, num_targets, flops, [i for part in mine for i in part],
-                            time.perf_counter() - start)
+        return PreparedStep(micro, num_targets, flops, time.perf_counter() - start)
 
     def _micro_batch(self, local: Batch, text_by_rank: dict[int, list[int]],
                      patches_by_rank: dict[int, list[int]], seq_lens: list[int],
@@ -485,8 +483,9 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
     """Run cfg.steps steps on this rank; on rank 0 print one line per step and a summary. With
     check_parity, rank 0 then reruns the steps in one process and every rank compares its
     first-step gradients. Returns {"losses", "step_seconds", "tokens", "flops" (per step),
-    "boundary_share", "prepare_share" (means), "idle_share", "peak_mib" (per rank), "touched"
-    (dataset indices this rank read)}; with check_parity also "reference" (losses), "loss_error"
+    "boundary_share", "prepare_share" (the wait for the prepared step), "build_share" (building
+    it, in the background; shares of step time, means), "idle_share", "peak_mib" (per rank)};
+    with check_parity also "reference" (losses), "loss_error"
     (max |Δloss|) and "grad_error" ({"encoder": e, "llm": e}, first-step max |Δgrad| / max |grad|
     over all ranks)."""
     from tqdm import tqdm
@@ -495,13 +494,13 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
     trainer.record_first_grads = check_parity
     prefetcher = Prefetcher(trainer, cfg.steps)
     history: list[StepStats] = []
-    touched: list[int] = []
+    build: list[float] = []  # this rank's time building each step, in the background
     bar = tqdm(range(cfg.steps), disable=rank != 0 or not progress, desc="train", leave=False)
     for step in bar:
         prepared, waited = prefetcher.get()
-        touched += prepared.touched
         stats = trainer.step(step, prepared, waited)
         history.append(stats)
+        build.append(prepared.prepare_seconds / stats.seconds)
         if rank == 0 and progress:
             bar.write(f"step {step:4d} | loss {stats.loss:7.4f} | "
                       f"{stats.tokens / stats.seconds:9,.0f} tok/s | "
@@ -517,7 +516,8 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
         "boundary_share": sum(s.boundary_share for s in steady) / len(steady),
         "prepare_share": sum(s.prepare_share for s in steady) / len(steady),
         "idle_share": [sum(v) / len(steady) for v in zip(*(s.idle_share for s in steady))],
-        "peak_mib": history[-1].peak_mib, "touched": touched}
+        "build_share": sum(build[1:] or build) / len(steady),
+        "peak_mib": history[-1].peak_mib}
     if progress:
         state = trainer.full_state()  # collective
         if rank == 0:
@@ -561,7 +561,9 @@ def _summary(cfg: TrainConfig, result: dict[str, Any], world_size: int,
     print(f"  {tokens / seconds:,.0f} tok/s, {flops / seconds / world_size / 1e9:.2f} GFLOP/s per "
           f"rank, boundary {result['boundary_share']:.1%}, idle per rank "
           + " ".join(f"{v:.0%}" for v in result["idle_share"])
-          + f", step preparation on the critical path {result['prepare_share']:.1%}")
+          + f"; preparing a step (data, lengths, layouts, transforms) took "
+          f"{result['build_share']:.1%} of a step in the background, "
+          f"{result['prepare_share']:.1%} on the critical path")
     model = MultimodalModel(cfg.model, cfg.seed)
     model.load_state_dict(state)  # type: ignore[arg-type]  # rank 0 holds the whole state
     held_out = dataset[cfg.steps * cfg.batch_size]  # the synthetic task never repeats a sample
