@@ -219,8 +219,10 @@ class Trainer:
         self.optimizers = [(m, mesh, torch.optim.AdamW(m.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                                        weight_decay=0.0))
                            for m, mesh in trained]
-        self.dataset = dataset or (ManifestDataset(cfg.data, cfg.model.patch) if cfg.data
-                                   else SyntheticDataset(cfg.seed, cfg.model.patch))
+        if dataset is None:
+            dataset = (ManifestDataset(cfg.data, cfg.model.patch) if cfg.data
+                       else SyntheticDataset(cfg.seed, cfg.model.patch))
+        self.dataset = dataset
         self.clock = CommClock()
         self.no_rows = torch.zeros(0, cfg.model.llm_dim, device=device)
         self.record_first_grads = False  # for parity checks: keep step 0's reduced gradients
