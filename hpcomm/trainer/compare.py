@@ -102,13 +102,14 @@ def compare(configs: dict[str, TrainConfig], world_size: int) -> list[dict[str, 
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'configuration':<52} {'step ms':>8} {'tok/s':>8} {'MFLOP/s/rank':>12} "
+    width = max([len("configuration")] + [len(r["config"]) for r in rows])
+    head = (f"{'configuration':<{width}} {'step ms':>8} {'tok/s':>8} {'MFLOP/s/rank':>12} "
             f"{'boundary':>8} {'idle per rank':>18} {'peak MiB per rank':>20} {'loss':>6} "
             f"{'parity':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['config']:<52} {r['step_ms']:8.1f} {r['tokens_per_s']:8,.0f} "
+            f"{r['config']:<{width}} {r['step_ms']:8.1f} {r['tokens_per_s']:8,.0f} "
             f"{r['flops_per_s_per_rank'] / 1e6:12,.1f} {r['boundary_share']:8.1%} "
             f"{' '.join(f'{v:.0%}' for v in r['idle_share']):>18} "
             f"{' '.join(f'{v:.0f}' for v in r['peak_mib']):>20} {r['final_loss']:6.3f} "
