@@ -78,9 +78,6 @@ def segments(q_rows: torch.Tensor, k_rows: torch.Tensor, seq_of_row: torch.Tenso
     return out
 
 
-# A Python loop over the step's samples: a compiled graph would specialize on their number, so
-# this stays eager (a graph break) under torch.compile.
-@torch.compiler.disable
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      segs: list[Segment]) -> torch.Tensor:
     """q [rows, heads, head_dim], k and v [key rows, heads, head_dim] -> [rows, heads, head_dim];
@@ -95,6 +92,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class CoreAttention(nn.Module):
+    # A Python loop over the step's samples: a compiled graph would specialize on their number
+    # (and read the context), so this stays eager (a graph break) under torch.compile.
+    @torch.compiler.disable
     def forward(self, q: torch.Tensor, kv: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         """q [rows, heads, head_dim], kv [key rows, heads, 2 * head_dim] (K and V side by side)
         -> [rows, heads, head_dim]."""

@@ -12,8 +12,8 @@ the way torchtitan's parallelize_llama and pipeline_llama do.
 - DP: whole samples per rank; gradients are summed over the module's own ranks (see reduce_grads).
 - PP (the LLM): consecutive blocks per stage (pipeline_split); stage s holds ranks
   [s * n, (s + 1) * n) of the module's ranks and is a DP x CP x TP mesh of its own.
-- compile (apply_compile): each block under torch.compile; the collectives and the per-sample
-  attention loop stay eager, so layouts that change every step do not recompile.
+- compile (apply_compile): each block under torch.compile with dynamic shapes; the collectives
+  and the per-sample attention loop stay eager, so layouts that change every step do not recompile.
 
 All row bookkeeping comes from hpcomm layouts; the SP and CP collectives are hpcomm transforms,
 installed as forward hooks on the unparallel modules (the model has no parallelism hooks of its own).
@@ -118,7 +118,7 @@ class Mesh:
 # replicas hold partial gradients (each TP rank's heads, each CP rank's queries), so they sum them
 # (grad="sum"): the SP gather's backward is a reduce-scatter, the CP K/V gather's a reduce-scatter
 # of the key/value gradients; the reduce-scatter's (a partial source) is an all-gather.
-# They run eagerly under torch.compile: a transform is a new object every step.
+# They run eagerly under torch.compile, between graph pieces: their timing (CommClock) is host code.
 
 
 class CommClock:

@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -168,6 +169,12 @@ def one_f_one_b(num_micro: int, in_flight: int) -> Iterator[tuple[str, int]]:
             yield "F", i + in_flight
 
 
+def call_transform(transform: Transform, x: torch.Tensor, out: torch.Tensor | None = None,
+                   out_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """transform(x) as a function of its transform, so that one compiled graph serves them all."""
+    return transform(x, out=out, out_rows=out_rows)
+
+
 def grid_layout(lens: list[int], mesh: Mesh, cp_mode: str) -> Layout:
     """Packed sequences of `lens` over the mesh: whole samples per DP rank, each cut over CP
     (zigzag balances causal attention), TP ranks splitting their CP rank's rows (SP)."""
@@ -206,10 +213,13 @@ class Trainer:
                                 self.stage_meshes[self.stage]) if self.stage is not None else None)
         if self.encoder is not None and cfg.freeze_encoder:
             self.encoder.requires_grad_(False)
+        self.call_boundary = call_transform
         if cfg.compile:
             for module in (self.encoder, self.llm):
                 if module is not None:
                     apply_compile(module, cfg.compile)
+            # hpcomm's op reads its sizes from tensors: a new boundary every step, one graph
+            self.call_boundary = torch.compile(call_transform, backend=cfg.compile, dynamic=True)
         trained: list[tuple[nn.Module, Mesh]] = []
         if self.llm is not None:
             trained.append((self.llm, self.stage_meshes[self.stage]))  # type: ignore[index]  # set with llm
@@ -322,7 +332,7 @@ class Trainer:
             h = h.index_put((image_pos,), x)  # type: ignore[union-attr,arg-type]
         elif self.rank in mb.boundary.ranks:
             src = x if x is not None else self.no_rows
-            boundary = self.clock.wrap("boundary", mb.boundary)
+            boundary = self.clock.wrap("boundary", partial(self.call_boundary, mb.boundary))
             if h is None:
                 y = boundary(src)  # this rank only sends; backward starts here (unless frozen)
                 mb.enc_root = y if y.requires_grad else None
