@@ -204,8 +204,10 @@ class Trainer:
                              for ranks in cfg.llm.stage_ranks(llm_ranks)]
         self.enc_mesh = (self.stage_meshes[0] if cfg.inherit
                          else Mesh(cfg.encoder, enc_ranks, rank))  # type: ignore[arg-type]
-        # The prefetcher's metadata exchange and data transfers run beside the step's traffic.
-        self.meta_group = dist.new_group(list(range(world_size))) if world_size > 1 else None
+        # The prefetcher's metadata exchange and data transfers run beside the step's traffic, on
+        # the host (data is read and packed there, also when the model runs on GPUs).
+        self.meta_group = (dist.new_group(list(range(world_size)), backend="gloo")
+                           if world_size > 1 else None)
         self.stage = next((s for s, m in enumerate(self.stage_meshes) if rank in m), None)
         model = MultimodalModel(cfg.model, cfg.seed).to(device)
         self.encoder = parallelize(model.encoder, self.enc_mesh) if rank in self.enc_mesh else None
@@ -578,9 +580,11 @@ def _summary(cfg: TrainConfig, result: dict[str, Any], world_size: int,
           f"{result['prepare_share']:.1%} on the critical path")
     model = MultimodalModel(cfg.model, cfg.seed)
     model.load_state_dict(state)  # type: ignore[arg-type]  # rank 0 holds the whole state
-    held_out = dataset[cfg.steps * cfg.batch_size]  # the synthetic task never repeats a sample
-    print(f"  caption of a held-out image: {generate(model, held_out, cfg.model.patch)!r} "
-          f"(true: {held_out.text!r})")
+    # The synthetic task never repeats a sample; a manifest has no held-out split.
+    sample = dataset[cfg.steps * cfg.batch_size]
+    what = "an image from the manifest" if cfg.data else "a held-out image"
+    print(f"  caption of {what}: {generate(model, sample, cfg.model.patch)!r} "
+          f"(true: {sample.text!r})")
 
 
 def _plot(path: str, result: dict[str, Any]) -> None:
