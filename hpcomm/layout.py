@@ -415,6 +415,31 @@ class Nest(Kind):
         return compose_runs(*self.inner[g].runs(rank), *self.outer.runs(self.outer.ranks[g]))
 
 
+@dataclass(frozen=True)
+class SeqFirst(Kind):
+    """Rows of a [S, B, ...] tensor flattened as s * B + b: position j * len(seq.ranks) + i holds
+    ``seq``'s s rows of its i-th rank times ``batch``'s b rows of its j-th rank, s-major."""
+
+    seq: Layout
+    batch: Layout
+
+    num_rows = property(lambda self: self.seq.num_rows * self.batch.num_rows)  # type: ignore[assignment]
+    num_positions = property(lambda self: len(self.seq.ranks) * len(self.batch.ranks))  # type: ignore[assignment]
+
+    def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        i, j = pos % len(self.seq.ranks), pos // len(self.seq.ranks)
+        ss, sl = self.seq.runs(self.seq.ranks[i])
+        bs, bl = self.batch.runs(self.batch.ranks[j])
+        width = self.batch.num_rows
+        if len(bs) == 1 and bl[0] == width:  # the whole batch: one run per s run
+            return ss * width, sl * width
+        s_rows = expand_runs(ss, sl)
+        return (s_rows[:, None] * width + bs[None, :]).reshape(-1), np.tile(bl, len(s_rows))
+
+    def covers_all(self) -> bool:
+        return self.seq.kind.covers_all() and self.batch.kind.covers_all()
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -422,7 +447,7 @@ class Layout:
     """Rows and column range of a logical [num_rows, ..., num_cols] tensor held by each rank.
 
     Build with the classmethods (``from_rows``, ``replicated``, ``contiguous``, ``dp``,
-    ``dp_by_rank``, ``cp``, ``grid``) and ``select``/``nest``; modify with ``with_cols`` and
+    ``dp_by_rank``, ``cp``, ``grid``, ``seq_first``) and ``select``/``nest``; modify with ``with_cols`` and
     ``as_partial``. ``kind`` places the rows on rank positions (``ranks[pos]``).
     """
 
@@ -580,6 +605,39 @@ class Layout:
             cols = tuple(by_rank[r] for r in all_ranks_t)
         # a layout with cols has num_cols, so by_rank holds (int, int) pairs
         return cls(Nest(outer, inner, all_ranks_t), all_ranks_t, cols, num_cols)  # type: ignore[arg-type]
+
+    @classmethod
+    def seq_first(cls, seq: Layout, batch: Layout, ranks: Sequence[int] | None = None) -> Layout:
+        """A sequence-first [S, B, ...] tensor whose s and b dims are split independently, rows
+        flattened as s * B + b (S = seq.num_rows, B = batch.num_rows).
+
+        ``seq`` lays out the s dim (CP zigzag or contiguous, TP with SP, replicas) and ``batch``
+        the b dim (DP) over two axes of a rank mesh; their ranks are mesh coordinates. The rank
+        at (seq.ranks[i], batch.ranks[j]) is ``ranks[j * len(seq.ranks) + i]`` (s fastest, as
+        Megatron's TP and CP before DP; default ``range(len(seq.ranks) * len(batch.ranks))``), and
+        its local tensor is [its s rows, its b rows, ...]. Column ranges come from whichever of
+        the two has them. Cost: one run per s run where a rank holds the whole batch, else one
+        per (s row, b run); never one per row.
+        """
+        if not isinstance(seq, Layout) or not isinstance(batch, Layout):
+            raise TypeError(f"seq and batch must be Layouts, got {type(seq).__name__} and "
+                            f"{type(batch).__name__}")
+        if seq.partial or batch.partial:
+            raise ValueError("seq and batch layouts cannot be partial; call as_partial() on the result")
+        if seq.has_cols and batch.has_cols:
+            raise ValueError("only one of the seq and batch layouts may split columns")
+        size = len(seq.ranks) * len(batch.ranks)
+        ranks_t = _check_ranks(range(size) if ranks is None else ranks)
+        if len(ranks_t) != size:
+            raise ValueError(f"seq_first over {len(seq.ranks)} x {len(batch.ranks)} mesh ranks needs "
+                             f"{size} ranks, got {len(ranks_t)}")
+        layout = cls(SeqFirst(seq, batch), ranks_t)
+        if seq.has_cols or batch.has_cols:
+            n = len(seq.ranks)
+            windows = {r: seq.cols_at(p % n) or batch.cols_at(p // n) for p, r in enumerate(ranks_t)}
+            return layout.with_cols({r: c for r, c in windows.items() if c is not None},
+                                    seq.num_cols if seq.has_cols else batch.num_cols)
+        return layout
 
     @classmethod
     def grid(cls, seq_lens: Sequence[int], dp: int = 1, cp: int = 1, tp: int = 1,
