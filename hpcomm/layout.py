@@ -852,6 +852,24 @@ class ChunkIndex:
         s, j = divmod(interval, self.parts)
         return (int(self.owner(np.array([s]), np.array([j]))[0]),)
 
+    # vectorized over intervals (holders in increasing position, as holders_of lists them)
+
+    def counts(self, intervals: np.ndarray) -> np.ndarray:
+        """Number of holders of each interval."""
+        return np.full(len(intervals), self.replicas or 1, _I64)
+
+    def nth(self, intervals: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """The n[i]-th holder of intervals[i] (n[i] < its count)."""
+        if self.replicas:
+            return np.asarray(n, _I64)
+        return self.owner(intervals // self.parts, intervals % self.parts)
+
+    def holds(self, intervals: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Whether position pos[i] (-1: none) holds intervals[i]."""
+        if self.replicas:
+            return pos >= 0
+        return self.nth(intervals, pos) == pos
+
 
 def _chunk_of(pos: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Chunk holding position ``pos`` of a sequence tensor_split into chunks of q+1 (the first r)
@@ -873,6 +891,8 @@ class HolderIndex:
         order = np.lexsort((owner[idx], bins))
         self.holders = owner[idx][order]
         self.ptr = np.searchsorted(bins[order], np.arange(len(self.bps)), "left").astype(_I64)
+        self.num_positions = len(layout.ranks)
+        self.ptr_keys = bins[order] * self.num_positions + self.holders
 
     def split(self, starts: np.ndarray, ends: np.ndarray) -> Pieces:
         """Cut ranges at interval bounds: (range index, piece start, piece end, interval)."""
@@ -880,3 +900,18 @@ class HolderIndex:
 
     def holders_of(self, interval: int) -> tuple[int, ...]:
         return tuple(self.holders[self.ptr[interval]:self.ptr[interval + 1]].tolist())
+
+    # vectorized over intervals, as ChunkIndex
+
+    def counts(self, intervals: np.ndarray) -> np.ndarray:
+        return self.ptr[intervals + 1] - self.ptr[intervals]
+
+    def nth(self, intervals: np.ndarray, n: np.ndarray) -> np.ndarray:
+        return self.holders[self.ptr[intervals] + n]
+
+    def holds(self, intervals: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        # (interval, holder) keys increase through ``holders``: one binary search per query
+        keys = self.ptr_keys
+        query = intervals * self.num_positions + pos
+        at = np.minimum(np.searchsorted(keys, query), max(len(keys) - 1, 0))
+        return (pos >= 0) & (keys[at] == query) if len(keys) else np.zeros(len(intervals), bool)
