@@ -123,7 +123,24 @@ def _check_int(value: object, what: str, minimum: int = 0) -> int:
     return int(value)
 
 
+def _fast_ints(values: object) -> np.ndarray | None:
+    """values as a 1-d int64 array when it plainly is a clean sequence of non-negative ints (the
+    common case, checked in bulk), else None: the caller checks item by item for the message."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    if not isinstance(values, np.ndarray):
+        if not isinstance(values, (list, tuple, range)):
+            return None
+        values = np.asarray(values)
+    if values.ndim != 1 or values.dtype.kind not in "iu" or (len(values) and values.min() < 0):
+        return None
+    return values.astype(_I64)
+
+
 def _check_ranks(ranks: Iterable[int], what: str = "ranks") -> tuple[int, ...]:
+    fast = _fast_ints(ranks)
+    if fast is not None and len(fast) and len(np.unique(fast)) == len(fast):
+        return tuple(fast.tolist())
     if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Iterable):
         raise TypeError(f"{what} must be a sequence of ints, got {ranks!r}")
     ranks = tuple(_check_int(r, f"rank {r!r} in {what}") for r in ranks)
@@ -138,6 +155,9 @@ def _check_ranks(ranks: Iterable[int], what: str = "ranks") -> tuple[int, ...]:
 
 
 def _check_lengths(lengths: object, what: str) -> tuple[int, ...]:
+    fast = _fast_ints(lengths)
+    if fast is not None:
+        return tuple(fast.tolist())
     if isinstance(lengths, torch.Tensor):
         lengths = lengths.tolist()
     if isinstance(lengths, np.ndarray):
@@ -313,13 +333,13 @@ class DP(_Sequences):
             return np.repeat(np.arange(k, dtype=_I64), np.diff(split_points(s, k)))
         if self.assign == "round_robin":
             return np.arange(s, dtype=_I64) % k
-        owner = np.empty(s, _I64)
+        owner = [0] * s
         heap = [(0, r) for r in range(k)]  # (rows so far, position): ties go to the earlier rank
         for sample in np.lexsort((np.arange(s), -lens)).tolist():
-            load, r = heapq.heappop(heap)
+            load, r = heap[0]
             owner[sample] = r
-            heapq.heappush(heap, (load + int(lens[sample]), r))
-        return owner
+            heapq.heapreplace(heap, (load + self.lens[sample], r))
+        return np.asarray(owner, _I64)
 
     @cached_property
     def _by_owner(self) -> tuple[np.ndarray, np.ndarray]:
