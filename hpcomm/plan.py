@@ -1,8 +1,9 @@
 """Plans: what each rank sends, receives and copies locally to move a tensor between two layouts.
 
 A plan is pure data computed from two layouts alone (no process group, no tensors). Each rank
-builds only its own part (``Plan.rank_plan``), from the layouts' runs and holder indices, and the
-result is cached per (src, dst, rank).
+builds only its own part (``Plan.rank_plan``), from the layouts' runs and holder indices, once per
+plan. Caches: ``get_plan`` keeps the last 32 plans (each holds its rank parts and derived arrays);
+``_choose`` keeps 16k column-choice results. Nothing cached changes after it is built.
 
 Units: when neither layout splits columns, a "column" is the whole row (``col_mode`` False, every
 window is (0, 1)); otherwise columns are elements of the last dim.
