@@ -241,14 +241,21 @@ class Plan:
             return False  # the identity: every rank copies its own rows (checked in O(1) by hash)
         for dpos, rank in enumerate(dst.ranks):
             want = self.cols_of(dst, dpos)
-            starts, lengths = dst.runs(rank)
-            if want[0] == want[1] or not len(starts):
+            if want[0] == want[1]:
                 continue
-            ends = starts + lengths
             spos = src.index(rank) if src.has_rank(rank) else -1
             own = self.cols_of(src, spos) if spos >= 0 else (0, 0)
-            held = (spos >= 0 and own[0] <= want[0] and want[1] <= own[1]
-                    and _contained(starts, ends, *src.runs(rank)))
+            own_cols = spos >= 0 and own[0] <= want[0] and want[1] <= own[1]
+            src_runs = src.runs(rank)
+            # a rank's rows are distinct, so as many as num_rows means all of them: whatever it
+            # wants is local, and its destination runs need not be read
+            if own_cols and not src.partial and int(src_runs[1].sum()) == src.num_rows:
+                continue
+            starts, lengths = dst.runs(rank)
+            if not len(starts):
+                continue
+            ends = starts + lengths
+            held = own_cols and _contained(starts, ends, *src_runs)
             if not src.partial and (held or not self.fill_missing):
                 # without fill_missing every element has a source holder: a peer's unless held here
                 if not held:
