@@ -208,12 +208,8 @@ class Kind:
     frozen dataclasses whose fields are the kind's parameters, so layouts compare and hash by
     value; derived arrays are cached on the (immutable) instance. Adding a kind is one subclass."""
 
-    @property
-    def num_rows(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def num_positions(self) -> int:
+    def size(self) -> tuple[int, int]:
+        """(num_rows, num_positions)."""
         raise NotImplementedError
 
     def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +218,7 @@ class Kind:
 
     def all_runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(position, start, length) of every position's merged runs, positions in order."""
-        per = [merge_runs(*self.runs(p)) for p in range(self.num_positions)]
+        per = [merge_runs(*self.runs(p)) for p in range(self.size()[1])]
         pos = np.repeat(np.arange(len(per), dtype=_I64), [len(s) for s, _ in per])
         return (pos, np.concatenate([s for s, _ in per] + [np.zeros(0, _I64)]),
                 np.concatenate([n for _, n in per] + [np.zeros(0, _I64)]))
@@ -240,8 +236,8 @@ class Replicated(Kind):
     rows: int
     positions: int
 
-    num_rows = property(lambda self: self.rows)  # type: ignore[assignment]
-    num_positions = property(lambda self: self.positions)  # type: ignore[assignment]
+    def size(self) -> tuple[int, int]:
+        return self.rows, self.positions
 
     def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
         return np.array([0], _I64), np.array([self.rows], _I64)
@@ -260,8 +256,8 @@ class Blocks(Kind):
 
     sizes: tuple[int, ...]
 
-    num_rows = property(lambda self: int(self.bounds[-1]))  # type: ignore[assignment]
-    num_positions = property(lambda self: len(self.sizes))  # type: ignore[assignment]
+    def size(self) -> tuple[int, int]:
+        return int(self.bounds[-1]), len(self.sizes)
 
     @cached_property
     def bounds(self) -> np.ndarray:
@@ -289,8 +285,8 @@ class FromRows(Kind):
     rows: int
     position_runs: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
 
-    num_rows = property(lambda self: self.rows)  # type: ignore[assignment]
-    num_positions = property(lambda self: len(self.position_runs))  # type: ignore[assignment]
+    def size(self) -> tuple[int, int]:
+        return self.rows, len(self.position_runs)
 
     def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
         s, n = self.position_runs[pos]
@@ -304,8 +300,8 @@ class _Sequences(Kind):
     lens: tuple[int, ...]
     positions: int
 
-    num_rows = property(lambda self: sum(self.lens))  # type: ignore[assignment]
-    num_positions = property(lambda self: self.positions)  # type: ignore[assignment]
+    def size(self) -> tuple[int, int]:
+        return sum(self.lens), self.positions
 
     @cached_property
     def lens_array(self) -> np.ndarray:
@@ -395,8 +391,8 @@ class Select(Kind):
     parent: Layout
     rows: tuple[int, ...]
 
-    num_rows = property(lambda self: len(self.rows))  # type: ignore[assignment]
-    num_positions = property(lambda self: len(self.parent.ranks))  # type: ignore[assignment]
+    def size(self) -> tuple[int, int]:
+        return len(self.rows), len(self.parent.ranks)
 
     @cached_property
     def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
@@ -422,8 +418,8 @@ class Nest(Kind):
     inner: tuple[Layout, ...]
     ranks: tuple[int, ...]
 
-    num_rows = property(lambda self: self.outer.num_rows)  # type: ignore[assignment]
-    num_positions = property(lambda self: len(self.ranks))  # type: ignore[assignment]
+    def size(self) -> tuple[int, int]:
+        return self.outer.num_rows, len(self.ranks)
 
     @cached_property
     def _group_of(self) -> dict[int, int]:
@@ -443,8 +439,8 @@ class SeqFirst(Kind):
     seq: Layout
     batch: Layout
 
-    num_rows = property(lambda self: self.seq.num_rows * self.batch.num_rows)  # type: ignore[assignment]
-    num_positions = property(lambda self: len(self.seq.ranks) * len(self.batch.ranks))  # type: ignore[assignment]
+    def size(self) -> tuple[int, int]:
+        return self.seq.num_rows * self.batch.num_rows, len(self.seq.ranks) * len(self.batch.ranks)
 
     def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
         i, j = pos % len(self.seq.ranks), pos // len(self.seq.ranks)
@@ -474,10 +470,11 @@ class Layout:
     def __init__(self, kind: Kind, ranks: tuple[int, ...],
                  cols: tuple[tuple[int, int], ...] | None = None, num_cols: int | None = None,
                  partial: bool = False) -> None:
-        if kind.num_positions != len(ranks):
-            raise ValueError(f"{type(kind).__name__} places rows on {kind.num_positions} positions, "
-                             f"but {len(ranks)} ranks were given")
-        self.kind, self.num_rows, self.ranks = kind, kind.num_rows, ranks
+        num_rows, positions = kind.size()
+        if positions != len(ranks):
+            raise ValueError(f"{type(kind).__name__} places rows on {positions} positions, but "
+                             f"{len(ranks)} ranks were given")
+        self.kind, self.num_rows, self.ranks = kind, num_rows, ranks
         self._cols, self.num_cols, self.partial = cols, num_cols, bool(partial)
         self._key = (kind, ranks, cols, num_cols, self.partial)
         self._hash = hash(self._key)
@@ -701,9 +698,11 @@ class Layout:
 
         lens = _check_lengths(seq_lens, "seq_lens")
         outer = cls.dp(range(dp), lens, dp_assign)
+        outer_kind = outer.kind
+        assert isinstance(outer_kind, DP)
         dp_groups = []
         for d in range(dp):  # type: ignore[assignment]  # d was a dim name (str) above
-            group_lens = [lens[s] for s in outer.kind.samples(d)]  # type: ignore[attr-defined]
+            group_lens = [lens[s] for s in outer_kind.samples(d)]  # type: ignore[arg-type]
             cp_layout = cls.cp(range(cp), group_lens, cp_mode)
             tp_layouts = []
             for c in range(cp):
