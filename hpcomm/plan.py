@@ -271,6 +271,11 @@ class Plan:
         the rows [starts, ends) x columns ``want`` of one destination rank."""
         index = self.src.holder_index
         _, _, _, bins = index.split(starts, ends)
+        if not self.col_mode:
+            count = index.counts(bins)
+            mine = index.holds(bins, np.full(len(bins), spos, _I64))
+            # a partial row sums every holder; a whole row comes from a peer where this rank lacks it
+            return bool((count > mine).any() if self.src.partial else ((count > 0) & ~mine).any())
         for b in np.unique(bins).tolist():
             holders = index.holders_of(b)
             # columns a peer would supply: all (partial sums) or those this rank lacks
