@@ -38,6 +38,9 @@ def main() -> None:
                                                Layout.cp(range(k), lens, "contiguous")),
         "dp balanced -> cp zigzag": lambda: (Layout.dp(range(k), lens, "balanced"),
                                              Layout.cp(range(k), lens, "zigzag")),
+        # a Megatron LLM grid (tp fastest, sequence parallel) fed by a balanced DP encoder
+        "dp balanced -> grid": lambda: (Layout.dp(range(k), lens, "balanced"),
+                                        Layout.grid(lens, dp=k // 16, cp=4, tp=4)),
     }
     print(f"{args.rows} rows, {args.seqs} ragged sequences, {k} simulated ranks; cold = fresh layouts "
           f"and plan, median of {args.repeat}, CPU time of this process (wall time is meaningless on a "

@@ -74,6 +74,20 @@ def compose_runs(inner_starts: np.ndarray, inner_lengths: np.ndarray, outer_star
     return merge_runs(outer_starts[bins] + (ps - bounds[bins]), pe - ps)
 
 
+def _merge_labeled(label: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """merge_runs of every label's runs at once (label runs grouped, each in local order)."""
+    keep = lengths > 0
+    label, starts, lengths = label[keep], starts[keep], lengths[keep]
+    if len(starts) < 2:
+        return label.astype(_I64), starts.astype(_I64), lengths.astype(_I64)
+    new = np.ones(len(starts), dtype=bool)
+    new[1:] = (label[1:] != label[:-1]) | (starts[1:] != starts[:-1] + lengths[:-1])
+    heads = np.flatnonzero(new)
+    return (label[heads].astype(_I64), starts[heads].astype(_I64),
+            np.add.reduceat(lengths, heads).astype(_I64))
+
+
 def union_runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted, disjoint runs covering the union of (possibly overlapping) runs; touching runs fuse."""
     keep = lengths > 0
@@ -369,19 +383,96 @@ class CP(_Sequences):
         return 2 * self.positions if self.mode == "zigzag" else self.positions
 
     def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
-        parts, lens = self.parts, self.lens_array
-        chunks = [pos, parts - 1 - pos] if self.mode == "zigzag" else [pos]
-        base, extra = lens // parts, lens % parts
-        starts = [self.offsets + j * base + np.minimum(j, extra) for j in chunks]
-        lengths = [base + (j < extra) for j in chunks]
-        # local order: for each sequence, chunk i then chunk parts-1-i
-        return np.stack(starts, 1).reshape(-1), np.stack(lengths, 1).reshape(-1)
+        return _cp_chunks(self.offsets, self.lens_array, self.positions, self.mode, pos)
 
     def holder_index(self, layout: Layout) -> ChunkIndex:
         parts = self.parts
         if self.mode == "zigzag":
             return ChunkIndex(self.lens_array, parts, lambda s, j: np.minimum(j, parts - 1 - j))
         return ChunkIndex(self.lens_array, parts, lambda s, j: j)
+
+
+def _cp_chunks(offsets: np.ndarray, lens: np.ndarray, k: int, mode: str, pos: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) of CP position ``pos`` of ``k`` over sequences at ``offsets`` with
+    ``lens``, in local order: for each sequence, chunk pos (then 2k-1-pos when zigzag)."""
+    parts = 2 * k if mode == "zigzag" else k
+    chunks = [pos, parts - 1 - pos] if mode == "zigzag" else [pos]
+    base, extra = lens // parts, lens % parts
+    starts = [offsets + j * base + np.minimum(j, extra) for j in chunks]
+    lengths = [base + (j < extra) for j in chunks]
+    return np.stack(starts, 1).reshape(-1), np.stack(lengths, 1).reshape(-1)
+
+
+@dataclass(frozen=True)
+class Grid(Kind):
+    """DP x CP x TP over packed sequences (see ``Layout.grid``): DP group d holds whole samples,
+    CP position c of the group its chunks of each, TP position t a contiguous part of those
+    (``tp_mode="sp"``) or all of them. (d, c, t) is position ``d * strides[0] + c * strides[1] +
+    t * strides[2]``. Every rank's runs at once cost a few array passes, not a loop over ranks."""
+
+    lens: tuple[int, ...]
+    degrees: tuple[int, int, int]  # (dp, cp, tp)
+    strides: tuple[int, int, int]
+    dp_assign: str
+    cp_mode: str
+    tp_mode: str
+
+    def size(self) -> tuple[int, int]:
+        return sum(self.lens), self.degrees[0] * self.degrees[1] * self.degrees[2]
+
+    def covers_all(self) -> bool:
+        return True
+
+    @cached_property
+    def _dp(self) -> DP:
+        return DP(self.lens, self.degrees[0], self.dp_assign)
+
+    @cached_property
+    def _position(self) -> np.ndarray:
+        """[dp, cp, tp] position of each coordinate."""
+        dp, cp, tp = self.degrees
+        d, c, t = np.meshgrid(np.arange(dp), np.arange(cp), np.arange(tp), indexing="ij")
+        return (d * self.strides[0] + c * self.strides[1] + t * self.strides[2]).astype(_I64)
+
+    def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        d, c, t = (int(v[0]) for v in np.nonzero(self._position == pos))
+        samples = self._dp.samples(d)
+        starts, lengths = _cp_chunks(self._dp.offsets[samples], self._dp.lens_array[samples],
+                                     self.degrees[1], self.cp_mode, c)
+        if self.tp_mode != "sp":
+            return starts, lengths
+        b = split_points(int(lengths.sum()), self.degrees[2])
+        return compose_runs(b[t:t + 1], b[t + 1:t + 2] - b[t:t + 1], starts, lengths)
+
+    def all_runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        dp, cp, tp = self.degrees
+        owner = self._dp.owner
+        samples = np.argsort(owner, kind="stable")  # by DP group, in sample order
+        offsets, lens = self._dp.offsets[samples], self._dp.lens_array[samples]
+        per_c = [_cp_chunks(offsets, lens, cp, self.cp_mode, c) for c in range(cp)]
+        chunks = len(per_c[0][0]) // max(len(samples), 1)  # runs per sample: 1, or 2 for zigzag
+        group = np.concatenate([np.repeat(owner[samples] * cp + c, chunks) for c in range(cp)])
+        order = np.argsort(group, kind="stable")  # by (d, c), local order kept
+        group = group[order]
+        starts = np.concatenate([s for s, _ in per_c])[order]
+        lengths = np.concatenate([n for _, n in per_c])[order]
+        if self.tp_mode == "sp":
+            # cut every (d, c) group's local rows, laid end to end, into tp contiguous parts
+            line = np.cumsum(lengths) - lengths
+            size = np.bincount(group, lengths, dp * cp).astype(_I64)
+            base = np.cumsum(size) - size
+            i = np.arange(tp, dtype=_I64)
+            points = base[:, None] + i * (size // tp)[:, None] + np.minimum(i, (size % tp)[:, None])
+            bps = np.append(points.reshape(-1), int(size.sum()))
+            idx, ps, pe, part = split_at(line, line + lengths, bps)
+            label, starts, lengths = part, starts[idx] + (ps - line[idx]), pe - ps
+        else:
+            label = (group[:, None] * tp + np.arange(tp)).reshape(-1)
+            starts, lengths = np.repeat(starts, tp), np.repeat(lengths, tp)
+        pos = self._position.reshape(-1)[label]
+        order = np.argsort(pos, kind="stable")
+        return _merge_labeled(pos[order], starts[order], lengths[order])
 
 
 @dataclass(frozen=True)
@@ -687,41 +778,25 @@ class Layout:
         ranks = _check_ranks(range(size) if ranks is None else ranks)
         if len(ranks) != size:
             raise ValueError(f"grid dp={dp} x cp={cp} x tp={tp} needs {size} ranks, got {len(ranks)}")
+        if cp_mode not in ("zigzag", "contiguous"):
+            raise ValueError(f"unknown cp mode {cp_mode!r}; expected zigzag or contiguous")
+        if dp_assign not in ("contiguous", "round_robin", "balanced"):
+            raise ValueError(f"unknown dp assign {dp_assign!r}; expected contiguous, round_robin or "
+                             f"balanced")
         degree = {"dp": dp, "cp": cp, "tp": tp}
         stride, acc = {}, 1
-        for d in dims:
-            stride[d] = acc
-            acc *= degree[d]
-
-        def rank_at(d: int, c: int, t: int) -> int:
-            return ranks[d * stride["dp"] + c * stride["cp"] + t * stride["tp"]]
-
-        lens = _check_lengths(seq_lens, "seq_lens")
-        outer = cls.dp(range(dp), lens, dp_assign)
-        outer_kind = outer.kind
-        assert isinstance(outer_kind, DP)
-        dp_groups = []
-        for d in range(dp):  # type: ignore[assignment]  # d was a dim name (str) above
-            group_lens = [lens[s] for s in outer_kind.samples(d)]  # type: ignore[arg-type]
-            cp_layout = cls.cp(range(cp), group_lens, cp_mode)
-            tp_layouts = []
-            for c in range(cp):
-                tp_ranks = [rank_at(d, c, t) for t in range(tp)]  # type: ignore[arg-type]
-                n = cp_layout.local_num_rows(c)
-                if tp_mode == "sp":
-                    tp_layouts.append(cls.contiguous(tp_ranks, n))
-                else:
-                    lay = cls.replicated(tp_ranks, n)
-                    if tp_mode == "hidden":
-                        bounds = split_points(num_cols, tp)  # type: ignore[arg-type]  # hidden: not None
-                        lay = lay.with_cols({r: (int(bounds[t]), int(bounds[t + 1]))
-                                             for t, r in enumerate(tp_ranks)}, num_cols)
-                    tp_layouts.append(lay)
-            dp_groups.append(cls.nest(cp_layout, tp_layouts))
-        layout = cls.nest(outer, dp_groups, ranks)
-        if num_cols is not None and not layout.has_cols:
-            layout = layout.with_cols(None, num_cols)
-        return layout
+        for dim in dims:
+            stride[dim] = acc
+            acc *= degree[dim]
+        kind = Grid(_check_lengths(seq_lens, "seq_lens"), (dp, cp, tp),
+                    (stride["dp"], stride["cp"], stride["tp"]), dp_assign, cp_mode, tp_mode)
+        layout = cls(kind, ranks)
+        if tp_mode == "hidden":
+            bounds = split_points(num_cols, tp)  # type: ignore[arg-type]  # hidden: not None
+            t_of = kind._position.argsort(axis=None) % tp  # position -> its TP coordinate
+            return layout.with_cols({r: (int(bounds[t]), int(bounds[t + 1]))
+                                     for r, t in zip(ranks, t_of.tolist())}, num_cols)
+        return layout if num_cols is None else layout.with_cols(None, num_cols)
 
     # -- modifiers --------------------------------------------------------------------------------
 

@@ -220,3 +220,21 @@ def test_seq_first_plans_in_runs_not_rows():
     dp = Layout.seq_first(Layout.cp(range(2), [4096], "zigzag"), Layout.contiguous(range(4), 64))
     assert [len(dp.runs(r)[0]) for r in dp.ranks] == [2048] * 8
     assert all(dp.local_num_rows(r) == 2048 * 16 for r in dp.ranks)
+
+
+@given(lens_st, st.integers(1, 3), st.integers(1, 3), st.integers(1, 3),
+       st.sampled_from(["zigzag", "contiguous"]), st.sampled_from(["sp", "replicate"]),
+       st.sampled_from(["contiguous", "round_robin", "balanced"]),
+       st.sampled_from(["tp-cp-dp", "dp-tp-cp", "cp-dp-tp"]))
+def test_all_runs_agree_with_each_rank(lens, dp, cp, tp, cp_mode, tp_mode, dp_assign, order):
+    """Every rank's runs at once (what the holder index reads) equal the runs of each rank."""
+    grid = Layout.grid(lens, dp, cp, tp, cp_mode=cp_mode, tp_mode=tp_mode, dp_assign=dp_assign,
+                       order=order, ranks=list(range(dp * cp * tp))[::-1])
+    halves = Layout.contiguous([0, 1], grid.num_rows)
+    nested = Layout.nest(halves, [Layout.contiguous([10], halves.local_num_rows(0)),
+                                  Layout.replicated([11, 12], halves.local_num_rows(1))])
+    for lay in (grid, Layout.seq_first(grid, Layout.contiguous([0, 1], 3)), nested):
+        pos, starts, lengths = lay.all_runs()
+        for p, r in enumerate(lay.ranks):
+            s, n = lay.runs(r)
+            assert starts[pos == p].tolist() == s.tolist() and lengths[pos == p].tolist() == n.tolist()
