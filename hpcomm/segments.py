@@ -189,8 +189,9 @@ def backend_names() -> tuple[str, ...]:
     return tuple(_BUILTIN) + tuple(name for name in _REGISTRY if name not in _BUILTIN)
 
 
-def _load(name: str) -> Backend | None:
-    # Imported on first use, so that importing hpcomm never requires the extension or triton.
+def lookup_backend(name: str) -> Backend | None:
+    """The backend registered as ``name``, whatever its devices; None if it is not built here. Its
+    module is imported on first use, so that importing hpcomm never requires the extension or triton."""
     module = _BUILTIN.get(name)
     if module is not None and module not in _loaded:
         _loaded.add(module)
@@ -203,7 +204,7 @@ def _load(name: str) -> Backend | None:
 
 def backends() -> dict[str, bool]:
     """Which kernel backends are usable in this process (built and importable): {name: available}."""
-    return {name: _load(name) is not None for name in backend_names()}
+    return {name: lookup_backend(name) is not None for name in backend_names()}
 
 
 def get_backend(name: str, device: torch.device) -> Backend:
@@ -212,12 +213,12 @@ def get_backend(name: str, device: torch.device) -> Backend:
     unknown, the backend is not built here, or it cannot run on ``device``."""
     if name == "auto":
         for candidate in backend_names():
-            backend = _load(candidate)
+            backend = lookup_backend(candidate)
             if backend is not None and backend.usable(device):
                 return backend
     if name not in backend_names():
         raise ValueError(f"unknown backend {name!r}; known: {', '.join(('auto',) + backend_names())}")
-    backend = _load(name)
+    backend = lookup_backend(name)
     if backend is None:
         available = [n for n, ok in backends().items() if ok]
         raise ValueError(f"backend {name!r} is not available in this build; available: {', '.join(available)}")
