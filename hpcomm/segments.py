@@ -108,14 +108,15 @@ class Backend:
 
 
 def checked_table(table: torch.Tensor) -> torch.Tensor:
-    """The table as a contiguous CPU int64 [n, 6] tensor; TypeError / ValueError (naming the first
-    bad segment) unless it is int64 [n, 6] with no negative entry."""
+    """The table as a new contiguous CPU int64 [n, 6] tensor; TypeError / ValueError (naming the
+    first bad segment) unless it is int64 [n, 6] with no negative entry."""
     if not isinstance(table, torch.Tensor) or table.dtype != torch.int64:
         raise TypeError(f"a segment table must be an int64 tensor, got "
                         f"{table.dtype if isinstance(table, torch.Tensor) else type(table).__name__}")
     if table.dim() != 2 or table.shape[1] != len(TABLE_COLUMNS):
         raise ValueError(f"a segment table must be [num_segments, 6], got {tuple(table.shape)}")
-    rows = table.cpu().contiguous()
+    # a copy: what backends keep must not change if the caller reuses the tensor
+    rows = table.detach().cpu().clone(memory_format=torch.contiguous_format)
     negative = (rows < 0).any(dim=1)
     if bool(negative.any()):
         i = int(negative.nonzero()[0])
@@ -133,6 +134,16 @@ def table_extents(rows: torch.Tensor) -> tuple[int, int]:
     src_end = r[:, 0] + last_line * r[:, 4] + r[:, 3]
     dst_end = r[:, 1] + last_line * r[:, 5] + r[:, 3]
     return int(src_end.max()), int(dst_end.max())
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to ``device`` without stalling the host on a GPU: pinned, non-blocking
+    (the pinned caching allocator holds the host block until the copy is done). Layouts change every
+    step, so tables are prepared while the GPU is busy; the copy is ordered before later launches on
+    the current stream."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _apply_rows(src: torch.Tensor, dst: torch.Tensor, rows: Sequence[Sequence[int]], accumulate: bool) -> None:
@@ -156,7 +167,7 @@ def copy_segments_reference(src: torch.Tensor, dst: torch.Tensor, table: torch.T
 
 
 class TorchBackend(Backend):
-    """The reference as a backend: runs anywhere, and converts when src and dst dtypes differ (the
+    """The reference as a backend: runs wherever torch does, and converts when src and dst dtypes differ (the
     execution layer relies on that for a wire dtype). Its rows become Python ints once, in prepare,
     so a call reads nothing back from the device."""
 
