@@ -173,6 +173,27 @@ def check_kernels(name: str, device: torch.device, sizes: Sizes, seeds: int) -> 
     return Row("kernels", f"{name}/{device.type}", "PASS", detail)
 
 
+def check_cuda_item_arithmetic(sizes: Sizes, seeds: int) -> Row:
+    """The CUDA kernel's work items (numbered by the host prepare, cut by the shared header
+    csrc/include/segment_index.h) walked on the CPU: every copy bitwise equal to the reference. This
+    is the part of the CUDA kernel a machine without a GPU can check."""
+    from hpcomm import _C
+
+    for seed in range(seeds):
+        table, src_numel, dst_numel = segment_table(sizes.kernel_elems, sizes.kernel_lines, seed)
+        ends = _C.chunk_ends(table)
+        for dtype in DTYPES:
+            src, dst = fill(src_numel, dtype, seed, False, torch.device("cpu")), fill(
+                dst_numel, dtype, seed + 1, False, torch.device("cpu"))
+            expected = dst.clone()
+            segments.copy_segments_reference(src, expected, table)
+            _C.copy_segments_by_items(src, dst, table, ends)
+            if not _bitwise_equal(dst, expected):
+                return Row("kernels", "cuda-items/cpu", "FAIL", f"{dtype} seed {seed}: items miss or overlap")
+    return Row("kernels", "cuda-items/cpu", "PASS", f"the CUDA work-item arithmetic walked on the CPU: "
+               f"copies = reference, {len(DTYPES)} dtypes x {seeds} tables")
+
+
 def sync_free_apply(backend: segments.Backend, device: torch.device) -> str:
     """apply under the sync debug mode: raises if a launch reads anything back to the host."""
     table, src_numel, dst_numel = segment_table(1 << 16, 256, 0)
@@ -492,6 +513,10 @@ def run(args: argparse.Namespace) -> Iterator[Row]:
                     yield Row(check, target, "SKIPPED", reason)
                 else:
                     yield from _timed(lambda: check_bandwidth(name, device, sizes), check, target)
+    if "kernels" in args.checks and "cuda" in names and any(d.type == "cpu" for d in devices) and \
+            segments.backends()["cpp"]:
+        yield from _timed(lambda: check_cuda_item_arithmetic(_sizes(torch.device("cpu"), args.quick),
+                                                             1 if args.quick else 3), "kernels", "cuda-items/cpu")
     if not gpus:
         yield from (Row(c, "*/cuda", "SKIPPED", "no CUDA device") for c in ("kernels", "bandwidth") if c in args.checks)
     for device in devices:
@@ -544,11 +569,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hpcomm selfcheck: torch {torch.__version__}, "
               f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} GPU(s), "
               f"backends built: {', '.join(n for n, ok in segments.backends().items() if ok)}")
-        print(f"{'check':<10} {'target':<14} {'status':<8} {'s':>6}  detail", flush=True)
+        print(f"{'check':<10} {'target':<15} {'status':<8} {'s':>6}  detail", flush=True)
     for row in run(args):
         rows.append(row)
         if not args.json:
-            print(f"{row.check:<10} {row.target:<14} {row.status:<8} {row.seconds:>6.1f}  {row.detail}", flush=True)
+            print(f"{row.check:<10} {row.target:<15} {row.status:<8} {row.seconds:>6.1f}  {row.detail}", flush=True)
     failed = [r for r in rows if r.status == "FAIL"]
     if args.json:
         print(json.dumps({"ok": not failed, "seconds": round(time.perf_counter() - t0, 1),

@@ -52,8 +52,8 @@ def test_cpu_quick_run_passes():
     failed = [r for r in report["rows"] if r["status"] == "FAIL"]
     assert proc.returncode == 0 and report["ok"] and not failed, failed or proc.stderr[-2000:]
     status = {(r["check"], r["target"]): r["status"] for r in report["rows"]}
-    for key in [("kernels", "cpp/cpu"), ("bandwidth", "cpp/cpu"), ("transform", "cpu"), ("simulate", "cpu"),
-                ("compile", "cpu")]:
+    for key in [("kernels", "cpp/cpu"), ("kernels", "cuda-items/cpu"), ("bandwidth", "cpp/cpu"),
+                ("transform", "cpu"), ("simulate", "cpu"), ("compile", "cpu")]:
         assert status.get(key) == "PASS", key
     if segments.backends()["triton"]:
         assert status[("kernels", "triton/cpu")] == "PASS"
