@@ -28,6 +28,7 @@ Each check is a row PASS, FAIL or SKIPPED (with the reason); the exit status is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -482,6 +483,9 @@ def run(args: argparse.Namespace) -> Iterator[Row]:
         [torch.device("cpu")] + ([torch.device("cuda", 0)] if gpus else [])
     names = args.backends or [n for n in segments.backend_names() if n != "torch"]
     available = segments.backends()
+    for name in names:
+        if name in available and not available[name]:
+            yield Row("kernels", f"{name}/any", "SKIPPED", f"backend {name!r} is not available in this build")
     for device in devices:
         sizes = _sizes(device, args.quick)
         for name in names:
@@ -489,11 +493,7 @@ def run(args: argparse.Namespace) -> Iterator[Row]:
                 yield Row("kernels", f"{name}/{device.type}", "FAIL", f"unknown backend {name!r}")
                 continue
             backend = segments.lookup_backend(name)
-            if backend is None:
-                if device.type == "cpu":  # report a missing build once
-                    yield Row("kernels", f"{name}/any", "SKIPPED", f"backend {name!r} is not available in this build")
-                continue
-            if device.type not in backend.device_types:
+            if backend is None or device.type not in backend.device_types:
                 continue
             for check in ("kernels", "bandwidth"):
                 if check not in args.checks:
@@ -520,7 +520,8 @@ def run(args: argparse.Namespace) -> Iterator[Row]:
     if not gpus:
         yield from (Row(c, "*/cuda", "SKIPPED", "no CUDA device") for c in ("kernels", "bandwidth") if c in args.checks)
     for device in devices:
-        with OneRankGroup(device) if set(args.checks) & {"transform", "graph", "compile"} else _null():
+        needs_group = set(args.checks) & {"transform", "graph", "compile"}
+        with OneRankGroup(device) if needs_group else contextlib.nullcontext():
             for check, fn in (("transform", lambda: check_transform(device)),
                               ("simulate", lambda: check_simulate(device)),
                               ("graph", lambda: check_graph(device)),
@@ -534,14 +535,6 @@ def run(args: argparse.Namespace) -> Iterator[Row]:
             yield from _timed(lambda: check_nccl(gpus, args.quick), "nccl", f"{gpus} GPUs")
         else:
             yield Row("nccl", "bench targets", "SKIPPED", f"needs 2+ GPUs, found {gpus}")
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
