@@ -100,26 +100,25 @@ def segment_table(budget: int, max_lines: int, seed: int) -> tuple[torch.Tensor,
         return int(torch.randint(lo, hi + 1, (), generator=g))
 
     long = max(1, budget // 8)
-    width = rand(3, 40)
+    width, short = rand(3, 40), rand(1, 33)
     specs = [  # (src_offset, num_lines, line_len, src_stride, dst_stride)
-        (rand(0, 15), 1, long + rand(0, 7), 0, 0),
+        (rand(0, 15), 1, long + rand(0, 7), 1, 1),
         (rand(0, 15), 4, long // 8, long // 8, long // 8),
         (rand(0, 15), max(1, min(max_lines, long // width)), width, width + rand(1, 9), width + rand(0, 9)),
-        (rand(0, 15), max(1, min(max_lines, 64)), rand(1, 33), 0, 0),
+        (rand(0, 15), max(1, min(max_lines, 64)), short, 0, short),
         (rand(0, 15), 0, 5, 5, 5),
         (rand(0, 15), 7, 0, 1, 1),
     ]
     src_numel = budget
     for _ in range(min(2000, max(8, budget // 2 // 150))):
         length = rand(1, 300)
-        specs.append((rand(0, src_numel - length), 1, length, 0, 0))
+        specs.append((rand(0, src_numel - length), 1, length, length, length))
     rows, dst_cursor = [], rand(0, 7)
     for src_offset, lines, length, src_stride, dst_stride in specs:
-        dst_stride = dst_stride or length
-        rows.append([src_offset, dst_cursor, lines, length, src_stride or length, dst_stride])
+        rows.append([src_offset, dst_cursor, lines, length, src_stride, dst_stride])
         if lines and length:
             dst_cursor += (lines - 1) * dst_stride + length
-            src_numel = max(src_numel, src_offset + (lines - 1) * (src_stride or length) + length)
+            src_numel = max(src_numel, src_offset + (lines - 1) * src_stride + length)
         dst_cursor += rand(0, 5)
     order = torch.randperm(len(rows), generator=g)
     return torch.tensor(rows, dtype=torch.int64)[order].contiguous(), src_numel + rand(0, 3), dst_cursor + rand(0, 3)
