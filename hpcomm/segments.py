@@ -44,9 +44,6 @@ _BUILTIN: dict[str, str | None] = {
     "torch": None,
 }
 
-Row = tuple[int, int, int, int, int, int]
-
-
 @dataclass(frozen=True, eq=False)
 class Prepared:
     """A table prepared for one backend and device. ``data`` is the backend's own (device tables,
@@ -82,6 +79,8 @@ class Backend:
         reason = self.unusable_reason(device)
         if reason is not None:
             raise ValueError(reason)
+        if device.type == "cuda" and device.index is None:  # what tensors report, so apply can compare
+            device = torch.device("cuda", torch.cuda.current_device())
         rows = checked_table(table)
         src_extent, dst_extent = table_extents(rows)
         data = self._prepare(rows, device) if len(rows) else None
@@ -93,6 +92,9 @@ class Backend:
         if src.dim() != 1 or dst.dim() != 1 or not src.is_contiguous() or not dst.is_contiguous():
             raise ValueError(f"src and dst must be flat contiguous 1-D tensors, got {tuple(src.shape)} and "
                              f"{tuple(dst.shape)}")
+        if src.device != prepared.device or dst.device != prepared.device:
+            raise ValueError(f"the table was prepared for {prepared.device}; got src on {src.device} and dst "
+                             f"on {dst.device}")
         if src.numel() < prepared.src_extent or dst.numel() < prepared.dst_extent:
             raise IndexError(f"the table reads {prepared.src_extent} elements of src and writes "
                              f"{prepared.dst_extent} of dst; got {src.numel()} and {dst.numel()}")

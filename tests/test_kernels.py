@@ -411,3 +411,10 @@ def test_registered_backend_is_known_but_never_auto(monkeypatch):
     out = torch.zeros(2)
     segments.copy_segments(torch.ones(2), out, torch.tensor([[0, 0, 1, 2, 2, 2]]), backend="doubling")
     assert out.tolist() == [2.0, 2.0]
+
+
+def test_apply_checks_the_prepared_device():
+    backend = segments.get_backend("torch", torch.device("meta"))
+    prepared = backend.prepare(torch.tensor([[0, 0, 1, 2, 2, 2]]), torch.device("meta"))
+    with pytest.raises(ValueError, match="prepared for meta"):
+        backend.apply(prepared, torch.zeros(2), torch.zeros(2), False)
