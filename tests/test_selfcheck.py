@@ -86,3 +86,40 @@ def test_unknown_backend_and_check(capsys):
     assert "unknown backend 'nope'" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         selfcheck.main(["--checks", "kernels,warp-drive"])
+
+
+@pytest.mark.parametrize("gpus, nproc", [(2, 2), (3, 2), (8, 4)])
+def test_nccl_commands_are_valid_bench_runs(monkeypatch, gpus, nproc):
+    """No GPU here: the torchrun command lines are captured, and each one's bench arguments must
+    parse and build layouts for its world size (what would otherwise fail only on a GPU box)."""
+    from hpcomm.tools import bench
+
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        out = "CP zigzag -> CP contiguous vs a2a ... target <= 1.1x  PASS\n" if nproc == 4 else "ok\n"
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+
+    monkeypatch.setattr(selfcheck.subprocess, "run", fake_run)
+    row = selfcheck.check_nccl(gpus, quick=True)
+    assert row.status == "PASS" and row.target == f"{nproc} GPUs", row
+    assert len(commands) == (1 if nproc == 4 else 3)
+    for cmd in commands:
+        assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+        assert f"--nproc-per-node={nproc}" in cmd
+        argv = cmd[cmd.index("hpcomm.tools.bench") + 1:]
+        args = bench.parse_args(argv)
+        if args.preset == "targets":
+            args.rows, args.hidden, args.dtype, args.placement = 65536, 256, "float32", "colocated"
+        for cfg in bench.case_configs(args):
+            bench.case_layouts(cfg, nproc)
+    if nproc == 4:
+        assert "1 PASS / 0 MISS" in row.detail
+
+
+def test_nccl_failure_is_reported(monkeypatch):
+    monkeypatch.setattr(selfcheck.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "NCCL error: unhandled"))
+    row = selfcheck.check_nccl(4, quick=True)
+    assert row.status == "FAIL" and "NCCL error" in row.detail
