@@ -537,7 +537,8 @@ def run(args: argparse.Namespace) -> Iterator[Row]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m hpcomm.selfcheck", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m hpcomm.selfcheck", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller tables and buffers")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     p.add_argument("--backends", type=lambda s: [n for n in s.split(",") if n],
