@@ -418,3 +418,37 @@ def test_apply_checks_the_prepared_device():
     prepared = backend.prepare(torch.tensor([[0, 0, 1, 2, 2, 2]]), torch.device("meta"))
     with pytest.raises(ValueError, match="prepared for meta"):
         backend.apply(prepared, torch.zeros(2), torch.zeros(2), False)
+
+
+def test_cuda_backend_glue_on_cpu(monkeypatch):
+    """The CUDA backend's Python half (prepare: host prefix sums, device copies; apply: one launch
+    with the prepared data) on CPU tensors, with the launch replaced by the CPU walk of the same work
+    items: what runs on a GPU except the kernel itself."""
+    if not AVAILABLE["cpp"]:
+        pytest.skip("hpcomm._C not built")
+    from hpcomm import _C, _cpp_backend
+
+    class CudaOnCpu(_cpp_backend.CudaBackend):
+        device_types = ("cpu",)
+
+    launches = []
+
+    def launch(src, dst, table, chunk_ends, total_items, accumulate):
+        launches.append((table, chunk_ends, total_items, accumulate))
+        _C.copy_segments_by_items(src, dst, table, chunk_ends)
+
+    monkeypatch.setattr(_C, "launch_segments_cuda", launch, raising=False)
+    backend, cpu = CudaOnCpu(), torch.device("cpu")
+    table = torch.tensor([[0, 7, 1, 40_000, 0, 0], [5, 0, 3, 2, 9, 2], [1, 40_010, 0, 4, 4, 4]])
+    prepared = backend.prepare(table, cpu)
+    src = _fill(40_100, torch.float16, 0, False)
+    out, expected = torch.zeros(40_100, dtype=torch.float16), torch.zeros(40_100, dtype=torch.float16)
+    segments.copy_segments_reference(src, expected, table)
+    with _no_host_reads():
+        backend.apply(prepared, src, out, False)
+    # 40000 elements in 3 items of 16384, 3 short lines in 1, the empty segment in none
+    (table_arg, ends_arg, total_items, accumulate), = launches
+    assert table_arg is prepared.data.table and ends_arg is prepared.data.chunk_ends
+    assert (total_items, accumulate) == (4, False)
+    assert prepared.data.chunk_ends.tolist() == [3, 4, 4]
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
