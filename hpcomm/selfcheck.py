@@ -22,13 +22,15 @@ It builds nothing: it uses the kernels that are already built, and says which ar
 - nccl (2+ GPUs): the three ``hpcomm-bench --preset targets`` cases over NCCL under torchrun (on 2-3
   GPUs the same cases at degree 2); a row passes when every method's output was verified.
 
-Each check is a row PASS, FAIL or SKIPPED (with the reason); the exit status is 1 if any row failed.
+Each check is a row PASS, FAIL or SKIPPED (with the reason); the exit status is 1 if any row failed
+or the run outlived --timeout (it then prints every thread's stack instead of waiting forever).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import importlib.util
 import json
 import math
@@ -546,6 +548,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--checks", type=lambda s: [n for n in s.split(",") if n], default=list(CHECKS),
                    help=f"subset of {','.join(CHECKS)}")
     p.add_argument("--devices", type=lambda s: [n for n in s.split(",") if n], help="e.g. cpu or cpu,cuda:0")
+    p.add_argument("--timeout", type=float, default=900, help="seconds before a hung run dumps every "
+                   "thread's stack and exits 1 (default 900)")
     args = p.parse_args(argv)
     unknown = set(args.checks) - set(CHECKS)
     if unknown:
@@ -556,6 +560,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the checks, prints the table (or JSON); 1 if any check failed, else 0."""
     args = parse_args(argv)
+    # a hung kernel, collective or compile must end in a failure, not in a wait forever
+    faulthandler.dump_traceback_later(args.timeout, exit=True)
+    try:
+        return _main(args)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows: list[Row] = []
     if not args.json:
