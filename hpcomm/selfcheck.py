@@ -561,7 +561,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the checks, prints the table (or JSON); 1 if any check failed, else 0."""
     args = parse_args(argv)
     # a hung kernel, collective or compile must end in a failure, not in a wait forever
-    faulthandler.dump_traceback_later(args.timeout, exit=True)
+    # (to the process's own stderr: a captured sys.stderr, as under pytest, has no file descriptor)
+    faulthandler.dump_traceback_later(args.timeout, exit=True, file=sys.__stderr__ or 2)
     try:
         return _main(args)
     finally:
