@@ -267,16 +267,18 @@ def any_backend(request, monkeypatch):
 
 @contextlib.contextmanager
 def _no_host_reads():
-    """Fails on any read of a tensor's values on the host, or a table check."""
+    """Fails on any read of a tensor's values on the host, a copy to another device, a prefix sum,
+    or a table check."""
     def forbidden(*args, **kwargs):
-        raise AssertionError("apply read a tensor back to the host or checked the table")
+        raise AssertionError("apply read a tensor back to the host, copied, summed or checked the table")
 
-    names = ("cpu", "tolist", "item", "numpy", "__int__", "__index__", "__bool__", "__float__")
+    names = ("cpu", "cuda", "to", "tolist", "item", "numpy", "cumsum", "__int__", "__index__", "__bool__",
+             "__float__")
     with contextlib.ExitStack() as stack:
         for name in names:
             stack.enter_context(mock.patch.object(torch.Tensor, name, forbidden))
-        stack.enter_context(mock.patch.object(segments, "checked_table", forbidden))
-        stack.enter_context(mock.patch.object(segments, "table_extents", forbidden))
+        for module, name in ((torch, "cumsum"), (segments, "checked_table"), (segments, "table_extents")):
+            stack.enter_context(mock.patch.object(module, name, forbidden))
         yield
 
 
@@ -301,10 +303,10 @@ def test_prepare_once_apply_many_without_host_reads(any_backend):
     expected = torch.zeros(64)
     for accumulate in (False, True, True):
         segments.copy_segments_reference(src.cpu(), expected, table, accumulate)
-    with _no_host_reads():
+    with _no_host_reads(), mock.patch.object(type(any_backend), "_prepare", counting_prepare):
         for accumulate in (False, True, True):
             any_backend.apply(prepared, src, out, accumulate)
-    assert torch.equal(out.cpu(), expected)
+    assert calls == [1] and torch.equal(out.cpu(), expected)
 
 
 def test_triton_apply_is_one_launch_of_prepared_device_data(monkeypatch):
