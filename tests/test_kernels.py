@@ -185,6 +185,22 @@ def test_many_random_rows_and_big_runs(backend, dtype):
         _check_against_reference(backend, dtype, table, src_numel, dst_numel, accumulate, seed=3)
 
 
+@pytest.mark.parametrize("num_segments, line_len", [(16, 16), (8, 40_000), (600, 600)],
+                         ids=["small-serial", "few-big-chunked", "many-by-segment"])
+def test_every_work_split_matches_reference(backend, num_segments, line_len):
+    """The CPU kernel's three ways to split a table (one thread under 256 KiB, work items for few
+    segments, segments across threads with big ones deferred) and whatever the others do."""
+    if backend == "triton" and not torch.cuda.is_available() and num_segments * line_len > 4096:
+        pytest.skip("too large for the Triton interpreter")
+    order = torch.randperm(num_segments, generator=torch.Generator().manual_seed(0))
+    stride = line_len + 3
+    table = torch.stack([order * stride, torch.arange(num_segments) * line_len,
+                         *(torch.full((num_segments,), v) for v in (1, line_len, line_len, line_len))], 1)
+    for accumulate in (False, True):
+        _check_against_reference(backend, torch.float32, table, num_segments * stride,
+                                 num_segments * line_len, accumulate, seed=5)
+
+
 @pytest.mark.parametrize("dtype", NO_ADD_DTYPES, ids=str)
 def test_float8_accumulate_raises(backend, dtype):
     device = _device(backend)
