@@ -202,7 +202,8 @@ def sync_free_apply(backend: segments.Backend, device: torch.device) -> str:
     prepared = backend.prepare(table, device)
     src = torch.zeros(src_numel, device=device)
     dst = torch.zeros(dst_numel, device=device)
-    backend.apply(prepared, src, dst, False)  # a first launch may load modules
+    for accumulate in (False, True):  # a first launch may compile and load modules
+        backend.apply(prepared, src, dst, accumulate)
     torch.cuda.set_sync_debug_mode("error")
     try:
         for accumulate in (False, True):
@@ -228,7 +229,9 @@ def kernels_in_interpreter(names: Sequence[str], quick: bool) -> list[Row]:
         return [Row("kernels", f"{n}/cpu", "FAIL", f"interpreter subprocess: {detail}") for n in names]
     for r in rows:
         r.detail += " (TRITON_INTERPRET=1)"
-    return rows
+    missing = [n for n in names if f"{n}/cpu" not in {r.target for r in rows}]
+    return rows + [Row("kernels", f"{n}/cpu", "FAIL", f"interpreter subprocess reported nothing; exit "
+                       f"{proc.returncode}") for n in missing]
 
 
 # -- bandwidth -------------------------------------------------------------------------------------
