@@ -123,3 +123,11 @@ def test_nccl_failure_is_reported(monkeypatch):
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "NCCL error: unhandled"))
     row = selfcheck.check_nccl(4, quick=True)
     assert row.status == "FAIL" and "NCCL error" in row.detail
+
+
+@pytest.mark.parametrize("stdout", ["Traceback: ImportError", '{"ok": true, "rows": []}'], ids=["crash", "silent"])
+def test_interpreter_child_that_reports_nothing_fails(monkeypatch, stdout):
+    monkeypatch.setattr(selfcheck.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, stdout, "boom"))
+    (row,) = selfcheck.kernels_in_interpreter(["triton"], quick=True)
+    assert (row.target, row.status) == ("triton/cpu", "FAIL") and "interpreter subprocess" in row.detail
