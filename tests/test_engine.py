@@ -273,3 +273,27 @@ def test_tables_are_prepared_once_per_plan(world):
     for rank, (first, total, launched) in enumerate(world(2).run(prepared_once)):
         assert first > 0 and total == first, f"rank {rank}: {total} preparations for {first} tables"
         assert launched >= 100, rank
+
+
+def nothing_crosses(rank, world_size):
+    lens = [16, 16, 16, 16]
+    t = Transform(Layout.dp(range(4), lens), Layout.grid(lens, dp=2, tp=2))  # SP chunks = own samples
+    x_global = torch.randn(64, 8)
+    x = t.src.shard(x_global, rank).clone().requires_grad_()
+    saved = dist.batch_isend_irecv, dist.all_gather_into_tensor
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a transform with nothing off-rank communicated")
+
+    dist.batch_isend_irecv = dist.all_gather_into_tensor = forbidden
+    try:
+        y = t(x)
+        y.backward(torch.ones_like(y))
+    finally:
+        dist.batch_isend_irecv, dist.all_gather_into_tensor = saved
+    return torch.equal(y, t.dst.shard(x_global, rank)), bool((x.grad == 1).all()), t.spec.crosses
+
+
+def test_nothing_off_rank_means_local_copies_only(world):
+    for rank, (fwd, bwd, crosses) in enumerate(world(4).run(nothing_crosses)):
+        assert fwd and bwd and crosses == (False, False), rank
