@@ -9,8 +9,9 @@ A case moves rows of ``row_bytes`` in runs of ``run_rows`` consecutive rows, run
 - unpack: a contiguous buffer into rows of dst in random order (a receive buffer);
 - copy:   random rows of src to random rows of dst (a local copy).
 All destinations are preallocated: a fresh 256 MiB tensor costs more in page faults than the copy.
-GB/s counts the bytes moved once (read or written, not both), from the best of --reps interleaved
-calls. Baselines, as ratios (kernel GB/s
+The backend prepares each table once (hpcomm.segments: checks, prefix sums, device copies) and only
+``apply`` is timed, as the execution layer calls it. GB/s counts the bytes moved once (read or
+written, not both), from the best of --reps interleaved calls. Baselines, as ratios (kernel GB/s
 divided by baseline GB/s): ``y.copy_(x)`` of the same bytes (the copy bandwidth), torch's
 ``index_select(out=)`` (pack), ``index_copy_`` (unpack) or both (copy, through a preallocated
 temporary), and the pure-PyTorch reference backend, which is timed on the table's first
@@ -107,19 +108,21 @@ def best_seconds(fns: dict[str, object], reps: int) -> dict[str, float]:
     return best
 
 
-def measure(case: Case, backend: str, reps: int) -> dict[str, float]:
-    """GB/s of `backend` and of the baselines for one case, in one run."""
-    backend = segments.resolve_backend(backend, torch.device("cpu"))
+def measure(case: Case, backend_name: str, reps: int) -> dict[str, float]:
+    """GB/s of the backend's apply (table prepared once) and of the baselines for one case, in one run."""
+    cpu = torch.device("cpu")
+    backend = segments.get_backend(backend_name, cpu)
     w = make_workload(case)
+    prepared = backend.prepare(w.table, cpu)
     head = w.table[:REFERENCE_SEGMENTS]
     head_bytes = int((head[:, 2] * head[:, 3]).sum())
-    segments.copy_segments(w.src, w.dst, w.table, backend=backend)
+    backend.apply(prepared, w.src, w.dst, False)
     expected = w.dst.clone()
     index_baseline(case, w)
     if not torch.equal(w.dst, expected):
-        raise AssertionError(f"{backend} and the index baseline disagree on {case}")
+        raise AssertionError(f"{backend.name} and the index baseline disagree on {case}")
     best = best_seconds({
-        "kernel": lambda: segments.copy_segments(w.src, w.dst, w.table, backend=backend),
+        "kernel": lambda: backend.apply(prepared, w.src, w.dst, False),
         "copy_": lambda: w.dst.copy_(w.src),
         "index": lambda: index_baseline(case, w),
         "reference": lambda: segments.copy_segments_reference(w.src, w.dst, head),
@@ -143,8 +146,10 @@ def main() -> None:
     parser.add_argument("--backend", default="cpp", help="kernel backend to measure (default cpp)")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
-    if not segments.backends().get(args.backend):
-        raise SystemExit(f"backend {args.backend!r} is not available: {segments.backends()}")
+    try:
+        segments.get_backend(args.backend, torch.device("cpu"))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend {args.backend}; "
           f"ratios are {args.backend} GB/s over the baseline's GB/s")
     header = (f"{'op':<7}{'row B':>7}{'run':>6}{'MiB':>6}{args.backend + ' GB/s':>11}{'copy_':>8}{'x':>6}"

@@ -1,8 +1,9 @@
 // CPU kernel of the segment-table contract (hpcomm/segments.py).
 //
-// Work splitting: tables of many segments are cut by segment index across threads, and the few
-// segments bigger than kChunkBytes are set aside and then cut into (segment, line chunk) work items
-// (csrc/include/segment_index.h) shared by all threads; small tables go straight to work items. Lines
+// Work splitting: tables moving under kParallelMinBytes run on the calling thread. Otherwise tables of
+// many segments are cut by segment index across threads, and the few segments bigger than kChunkBytes
+// are set aside and then cut into (segment, line chunk) work items (csrc/include/segment_index.h)
+// shared by all threads; tables of few segments go straight to work items. Lines
 // move with memcpy (a contiguous segment is a single line, so a single memcpy); large destinations
 // get non-temporal stores, which skip the read-for-ownership of every destination cache line.
 #include "segment_copy.h"
@@ -30,6 +31,10 @@ namespace {
 constexpr int64_t kChunkBytes = 256 * 1024;
 // Below this many segments a table is split into work items directly (balanced by bytes).
 constexpr int64_t kSegmentGrain = 256;
+// A table moving fewer bytes runs on the calling thread: waking the thread pool costs microseconds on
+// an idle machine and milliseconds on a loaded one (measured: 16 rows of 64 B, median 9 ms with the
+// pool vs 1.3 us without, on the shared 2-core VM), more than copying 256 KiB on one core.
+constexpr int64_t kParallelMinBytes = 256 * 1024;
 // Streaming stores skip the read-for-ownership of each destination line: measured 2.5x on a scatter
 // of 1 KiB rows into 128 MiB, 1.3x on 64 KiB rows (bench/bench_kernels.py). Below about half the
 // 32 MiB L3 the destination may still be in cache when it is read next, so plain stores keep it there.
@@ -168,8 +173,20 @@ void apply_in_chunks(const uint8_t* src, uint8_t* dst, const Table& table, const
   });
 }
 
+// Whether the table moves fewer than `limit` bytes; stops reading it as soon as it knows.
+bool moves_less_than(const Table& table, int64_t limit) {
+  int64_t bytes = 0;
+  for (int64_t i = 0; i < table.num_segments && bytes < limit; ++i) bytes += segment_bytes(table.segment(i));
+  return bytes < limit;
+}
+
 template <typename Line>
 void apply_table(const uint8_t* src, uint8_t* dst, const Table& table, const Line& line) {
+  if (moves_less_than(table, kParallelMinBytes)) {
+    for (int64_t i = 0; i < table.num_segments; ++i) apply_segment(src, dst, table.segment(i), line);
+    line.finish();
+    return;
+  }
   std::vector<int64_t> big;
   if (table.num_segments < kSegmentGrain) {
     big.resize(static_cast<size_t>(table.num_segments));

@@ -35,7 +35,8 @@ void apply_segments_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor
 at::Tensor chunk_ends(const at::Tensor& table);
 
 // Copies src to dst (CPU) item by item exactly as the CUDA kernel numbers and cuts them
-// (work_item of segment_index.h), so CPU tests check that arithmetic against the reference.
+// (work_item of segment_index.h), so CPU tests check that arithmetic against the reference. A test
+// hook: like apply_segments_cpu it trusts the rows.
 void copy_segments_by_items(const at::Tensor& src, at::Tensor& dst, const at::Tensor& table,
                             const at::Tensor& chunk_ends);
 

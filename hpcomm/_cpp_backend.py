@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from hpcomm import _C
-from hpcomm.segments import Backend, register_backend
+from hpcomm.segments import Backend, host_to_device, register_backend
 
 
 class CppBackend(Backend):
@@ -45,7 +45,7 @@ class CudaBackend(Backend):
 
     def _prepare(self, rows: torch.Tensor, device: torch.device) -> Any:
         ends = _C.chunk_ends(rows)
-        return CudaTable(rows.to(device), ends.to(device), int(ends[-1]))
+        return CudaTable(host_to_device(rows, device), host_to_device(ends, device), int(ends[-1]))
 
     def _launch(self, data: Any, src: torch.Tensor, dst: torch.Tensor, accumulate: bool) -> None:
         _C.launch_segments_cuda(src, dst, data.table, data.chunk_ends, data.total_items, accumulate)

@@ -74,6 +74,20 @@ def compose_runs(inner_starts: np.ndarray, inner_lengths: np.ndarray, outer_star
     return merge_runs(outer_starts[bins] + (ps - bounds[bins]), pe - ps)
 
 
+def _merge_labeled(label: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """merge_runs of every label's runs at once (label runs grouped, each in local order)."""
+    keep = lengths > 0
+    label, starts, lengths = label[keep], starts[keep], lengths[keep]
+    if len(starts) < 2:
+        return label.astype(_I64), starts.astype(_I64), lengths.astype(_I64)
+    new = np.ones(len(starts), dtype=bool)
+    new[1:] = (label[1:] != label[:-1]) | (starts[1:] != starts[:-1] + lengths[:-1])
+    heads = np.flatnonzero(new)
+    return (label[heads].astype(_I64), starts[heads].astype(_I64),
+            np.add.reduceat(lengths, heads).astype(_I64))
+
+
 def union_runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted, disjoint runs covering the union of (possibly overlapping) runs; touching runs fuse."""
     keep = lengths > 0
@@ -123,7 +137,24 @@ def _check_int(value: object, what: str, minimum: int = 0) -> int:
     return int(value)
 
 
+def _fast_ints(values: object) -> np.ndarray | None:
+    """values as a 1-d int64 array when it plainly is a clean sequence of non-negative ints (the
+    common case, checked in bulk), else None: the caller checks item by item for the message."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    if not isinstance(values, np.ndarray):
+        if not isinstance(values, (list, tuple, range)):
+            return None
+        values = np.asarray(values)
+    if values.ndim != 1 or values.dtype.kind not in "iu" or (len(values) and values.min() < 0):
+        return None
+    return values.astype(_I64)
+
+
 def _check_ranks(ranks: Iterable[int], what: str = "ranks") -> tuple[int, ...]:
+    fast = _fast_ints(ranks)
+    if fast is not None and len(fast) and len(np.unique(fast)) == len(fast):
+        return tuple(fast.tolist())
     if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Iterable):
         raise TypeError(f"{what} must be a sequence of ints, got {ranks!r}")
     ranks = tuple(_check_int(r, f"rank {r!r} in {what}") for r in ranks)
@@ -138,6 +169,9 @@ def _check_ranks(ranks: Iterable[int], what: str = "ranks") -> tuple[int, ...]:
 
 
 def _check_lengths(lengths: object, what: str) -> tuple[int, ...]:
+    fast = _fast_ints(lengths)
+    if fast is not None:
+        return tuple(fast.tolist())
     if isinstance(lengths, torch.Tensor):
         lengths = lengths.tolist()
     if isinstance(lengths, np.ndarray):
@@ -188,12 +222,8 @@ class Kind:
     frozen dataclasses whose fields are the kind's parameters, so layouts compare and hash by
     value; derived arrays are cached on the (immutable) instance. Adding a kind is one subclass."""
 
-    @property
-    def num_rows(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def num_positions(self) -> int:
+    def size(self) -> tuple[int, int]:
+        """(num_rows, num_positions)."""
         raise NotImplementedError
 
     def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +232,7 @@ class Kind:
 
     def all_runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(position, start, length) of every position's merged runs, positions in order."""
-        per = [merge_runs(*self.runs(p)) for p in range(self.num_positions)]
+        per = [merge_runs(*self.runs(p)) for p in range(self.size()[1])]
         pos = np.repeat(np.arange(len(per), dtype=_I64), [len(s) for s, _ in per])
         return (pos, np.concatenate([s for s, _ in per] + [np.zeros(0, _I64)]),
                 np.concatenate([n for _, n in per] + [np.zeros(0, _I64)]))
@@ -220,8 +250,8 @@ class Replicated(Kind):
     rows: int
     positions: int
 
-    num_rows = property(lambda self: self.rows)  # type: ignore[assignment]
-    num_positions = property(lambda self: self.positions)  # type: ignore[assignment]
+    def size(self) -> tuple[int, int]:
+        return self.rows, self.positions
 
     def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
         return np.array([0], _I64), np.array([self.rows], _I64)
@@ -240,8 +270,8 @@ class Blocks(Kind):
 
     sizes: tuple[int, ...]
 
-    num_rows = property(lambda self: int(self.bounds[-1]))  # type: ignore[assignment]
-    num_positions = property(lambda self: len(self.sizes))  # type: ignore[assignment]
+    def size(self) -> tuple[int, int]:
+        return int(self.bounds[-1]), len(self.sizes)
 
     @cached_property
     def bounds(self) -> np.ndarray:
@@ -269,8 +299,8 @@ class FromRows(Kind):
     rows: int
     position_runs: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
 
-    num_rows = property(lambda self: self.rows)  # type: ignore[assignment]
-    num_positions = property(lambda self: len(self.position_runs))  # type: ignore[assignment]
+    def size(self) -> tuple[int, int]:
+        return self.rows, len(self.position_runs)
 
     def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
         s, n = self.position_runs[pos]
@@ -284,8 +314,8 @@ class _Sequences(Kind):
     lens: tuple[int, ...]
     positions: int
 
-    num_rows = property(lambda self: sum(self.lens))  # type: ignore[assignment]
-    num_positions = property(lambda self: self.positions)  # type: ignore[assignment]
+    def size(self) -> tuple[int, int]:
+        return sum(self.lens), self.positions
 
     @cached_property
     def lens_array(self) -> np.ndarray:
@@ -313,13 +343,13 @@ class DP(_Sequences):
             return np.repeat(np.arange(k, dtype=_I64), np.diff(split_points(s, k)))
         if self.assign == "round_robin":
             return np.arange(s, dtype=_I64) % k
-        owner = np.empty(s, _I64)
+        owner = [0] * s
         heap = [(0, r) for r in range(k)]  # (rows so far, position): ties go to the earlier rank
         for sample in np.lexsort((np.arange(s), -lens)).tolist():
-            load, r = heapq.heappop(heap)
+            load, r = heap[0]
             owner[sample] = r
-            heapq.heappush(heap, (load + int(lens[sample]), r))
-        return owner
+            heapq.heapreplace(heap, (load + self.lens[sample], r))
+        return np.asarray(owner, _I64)
 
     @cached_property
     def _by_owner(self) -> tuple[np.ndarray, np.ndarray]:
@@ -353,19 +383,96 @@ class CP(_Sequences):
         return 2 * self.positions if self.mode == "zigzag" else self.positions
 
     def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
-        parts, lens = self.parts, self.lens_array
-        chunks = [pos, parts - 1 - pos] if self.mode == "zigzag" else [pos]
-        base, extra = lens // parts, lens % parts
-        starts = [self.offsets + j * base + np.minimum(j, extra) for j in chunks]
-        lengths = [base + (j < extra) for j in chunks]
-        # local order: for each sequence, chunk i then chunk parts-1-i
-        return np.stack(starts, 1).reshape(-1), np.stack(lengths, 1).reshape(-1)
+        return _cp_chunks(self.offsets, self.lens_array, self.positions, self.mode, pos)
 
     def holder_index(self, layout: Layout) -> ChunkIndex:
         parts = self.parts
         if self.mode == "zigzag":
             return ChunkIndex(self.lens_array, parts, lambda s, j: np.minimum(j, parts - 1 - j))
         return ChunkIndex(self.lens_array, parts, lambda s, j: j)
+
+
+def _cp_chunks(offsets: np.ndarray, lens: np.ndarray, k: int, mode: str, pos: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) of CP position ``pos`` of ``k`` over sequences at ``offsets`` with
+    ``lens``, in local order: for each sequence, chunk pos (then 2k-1-pos when zigzag)."""
+    parts = 2 * k if mode == "zigzag" else k
+    chunks = [pos, parts - 1 - pos] if mode == "zigzag" else [pos]
+    base, extra = lens // parts, lens % parts
+    starts = [offsets + j * base + np.minimum(j, extra) for j in chunks]
+    lengths = [base + (j < extra) for j in chunks]
+    return np.stack(starts, 1).reshape(-1), np.stack(lengths, 1).reshape(-1)
+
+
+@dataclass(frozen=True)
+class Grid(Kind):
+    """DP x CP x TP over packed sequences (see ``Layout.grid``): DP group d holds whole samples,
+    CP position c of the group its chunks of each, TP position t a contiguous part of those
+    (``tp_mode="sp"``) or all of them. (d, c, t) is position ``d * strides[0] + c * strides[1] +
+    t * strides[2]``. Every rank's runs at once cost a few array passes, not a loop over ranks."""
+
+    lens: tuple[int, ...]
+    degrees: tuple[int, int, int]  # (dp, cp, tp)
+    strides: tuple[int, int, int]
+    dp_assign: str
+    cp_mode: str
+    tp_mode: str
+
+    def size(self) -> tuple[int, int]:
+        return sum(self.lens), self.degrees[0] * self.degrees[1] * self.degrees[2]
+
+    def covers_all(self) -> bool:
+        return True
+
+    @cached_property
+    def _dp(self) -> DP:
+        return DP(self.lens, self.degrees[0], self.dp_assign)
+
+    @cached_property
+    def _position(self) -> np.ndarray:
+        """[dp, cp, tp] position of each coordinate."""
+        dp, cp, tp = self.degrees
+        d, c, t = np.meshgrid(np.arange(dp), np.arange(cp), np.arange(tp), indexing="ij")
+        return (d * self.strides[0] + c * self.strides[1] + t * self.strides[2]).astype(_I64)
+
+    def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        d, c, t = (int(v[0]) for v in np.nonzero(self._position == pos))
+        samples = self._dp.samples(d)
+        starts, lengths = _cp_chunks(self._dp.offsets[samples], self._dp.lens_array[samples],
+                                     self.degrees[1], self.cp_mode, c)
+        if self.tp_mode != "sp":
+            return starts, lengths
+        b = split_points(int(lengths.sum()), self.degrees[2])
+        return compose_runs(b[t:t + 1], b[t + 1:t + 2] - b[t:t + 1], starts, lengths)
+
+    def all_runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        dp, cp, tp = self.degrees
+        owner = self._dp.owner
+        samples = np.argsort(owner, kind="stable")  # by DP group, in sample order
+        offsets, lens = self._dp.offsets[samples], self._dp.lens_array[samples]
+        per_c = [_cp_chunks(offsets, lens, cp, self.cp_mode, c) for c in range(cp)]
+        chunks = len(per_c[0][0]) // max(len(samples), 1)  # runs per sample: 1, or 2 for zigzag
+        group = np.concatenate([np.repeat(owner[samples] * cp + c, chunks) for c in range(cp)])
+        order = np.argsort(group, kind="stable")  # by (d, c), local order kept
+        group = group[order]
+        starts = np.concatenate([s for s, _ in per_c])[order]
+        lengths = np.concatenate([n for _, n in per_c])[order]
+        if self.tp_mode == "sp":
+            # cut every (d, c) group's local rows, laid end to end, into tp contiguous parts
+            line = np.cumsum(lengths) - lengths
+            size = np.bincount(group, lengths, dp * cp).astype(_I64)
+            base = np.cumsum(size) - size
+            i = np.arange(tp, dtype=_I64)
+            points = base[:, None] + i * (size // tp)[:, None] + np.minimum(i, (size % tp)[:, None])
+            bps = np.append(points.reshape(-1), int(size.sum()))
+            idx, ps, pe, part = split_at(line, line + lengths, bps)
+            label, starts, lengths = part, starts[idx] + (ps - line[idx]), pe - ps
+        else:
+            label = (group[:, None] * tp + np.arange(tp)).reshape(-1)
+            starts, lengths = np.repeat(starts, tp), np.repeat(lengths, tp)
+        pos = self._position.reshape(-1)[label]
+        order = np.argsort(pos, kind="stable")
+        return _merge_labeled(pos[order], starts[order], lengths[order])
 
 
 @dataclass(frozen=True)
@@ -375,8 +482,8 @@ class Select(Kind):
     parent: Layout
     rows: tuple[int, ...]
 
-    num_rows = property(lambda self: len(self.rows))  # type: ignore[assignment]
-    num_positions = property(lambda self: len(self.parent.ranks))  # type: ignore[assignment]
+    def size(self) -> tuple[int, int]:
+        return len(self.rows), len(self.parent.ranks)
 
     @cached_property
     def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
@@ -402,8 +509,8 @@ class Nest(Kind):
     inner: tuple[Layout, ...]
     ranks: tuple[int, ...]
 
-    num_rows = property(lambda self: self.outer.num_rows)  # type: ignore[assignment]
-    num_positions = property(lambda self: len(self.ranks))  # type: ignore[assignment]
+    def size(self) -> tuple[int, int]:
+        return self.outer.num_rows, len(self.ranks)
 
     @cached_property
     def _group_of(self) -> dict[int, int]:
@@ -415,6 +522,31 @@ class Nest(Kind):
         return compose_runs(*self.inner[g].runs(rank), *self.outer.runs(self.outer.ranks[g]))
 
 
+@dataclass(frozen=True)
+class SeqFirst(Kind):
+    """Rows of a [S, B, ...] tensor flattened as s * B + b: position j * len(seq.ranks) + i holds
+    ``seq``'s s rows of its i-th rank times ``batch``'s b rows of its j-th rank, s-major."""
+
+    seq: Layout
+    batch: Layout
+
+    def size(self) -> tuple[int, int]:
+        return self.seq.num_rows * self.batch.num_rows, len(self.seq.ranks) * len(self.batch.ranks)
+
+    def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        i, j = pos % len(self.seq.ranks), pos // len(self.seq.ranks)
+        ss, sl = self.seq.runs(self.seq.ranks[i])
+        bs, bl = self.batch.runs(self.batch.ranks[j])
+        width = self.batch.num_rows
+        if len(bs) == 1 and bl[0] == width:  # the whole batch: one run per s run
+            return ss * width, sl * width
+        s_rows = expand_runs(ss, sl)
+        return (s_rows[:, None] * width + bs[None, :]).reshape(-1), np.tile(bl, len(s_rows))
+
+    def covers_all(self) -> bool:
+        return self.seq.kind.covers_all() and self.batch.kind.covers_all()
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -422,17 +554,18 @@ class Layout:
     """Rows and column range of a logical [num_rows, ..., num_cols] tensor held by each rank.
 
     Build with the classmethods (``from_rows``, ``replicated``, ``contiguous``, ``dp``,
-    ``dp_by_rank``, ``cp``, ``grid``) and ``select``/``nest``; modify with ``with_cols`` and
+    ``dp_by_rank``, ``cp``, ``grid``, ``seq_first``) and ``select``/``nest``; modify with ``with_cols`` and
     ``as_partial``. ``kind`` places the rows on rank positions (``ranks[pos]``).
     """
 
     def __init__(self, kind: Kind, ranks: tuple[int, ...],
                  cols: tuple[tuple[int, int], ...] | None = None, num_cols: int | None = None,
                  partial: bool = False) -> None:
-        if kind.num_positions != len(ranks):
-            raise ValueError(f"{type(kind).__name__} places rows on {kind.num_positions} positions, "
-                             f"but {len(ranks)} ranks were given")
-        self.kind, self.num_rows, self.ranks = kind, kind.num_rows, ranks
+        num_rows, positions = kind.size()
+        if positions != len(ranks):
+            raise ValueError(f"{type(kind).__name__} places rows on {positions} positions, but "
+                             f"{len(ranks)} ranks were given")
+        self.kind, self.num_rows, self.ranks = kind, num_rows, ranks
         self._cols, self.num_cols, self.partial = cols, num_cols, bool(partial)
         self._key = (kind, ranks, cols, num_cols, self.partial)
         self._hash = hash(self._key)
@@ -582,6 +715,39 @@ class Layout:
         return cls(Nest(outer, inner, all_ranks_t), all_ranks_t, cols, num_cols)  # type: ignore[arg-type]
 
     @classmethod
+    def seq_first(cls, seq: Layout, batch: Layout, ranks: Sequence[int] | None = None) -> Layout:
+        """A sequence-first [S, B, ...] tensor whose s and b dims are split independently, rows
+        flattened as s * B + b (S = seq.num_rows, B = batch.num_rows).
+
+        ``seq`` lays out the s dim (CP zigzag or contiguous, TP with SP, replicas) and ``batch``
+        the b dim (DP) over two axes of a rank mesh; their ranks are mesh coordinates. The rank
+        at (seq.ranks[i], batch.ranks[j]) is ``ranks[j * len(seq.ranks) + i]`` (s fastest, as
+        Megatron's TP and CP before DP; default ``range(len(seq.ranks) * len(batch.ranks))``), and
+        its local tensor is [its s rows, its b rows, ...]. Column ranges come from whichever of
+        the two has them. Cost: one run per s run where a rank holds the whole batch, else one
+        per (s row, b run); never one per row.
+        """
+        if not isinstance(seq, Layout) or not isinstance(batch, Layout):
+            raise TypeError(f"seq and batch must be Layouts, got {type(seq).__name__} and "
+                            f"{type(batch).__name__}")
+        if seq.partial or batch.partial:
+            raise ValueError("seq and batch layouts cannot be partial; call as_partial() on the result")
+        if seq.has_cols and batch.has_cols:
+            raise ValueError("only one of the seq and batch layouts may split columns")
+        size = len(seq.ranks) * len(batch.ranks)
+        ranks_t = _check_ranks(range(size) if ranks is None else ranks)
+        if len(ranks_t) != size:
+            raise ValueError(f"seq_first over {len(seq.ranks)} x {len(batch.ranks)} mesh ranks needs "
+                             f"{size} ranks, got {len(ranks_t)}")
+        layout = cls(SeqFirst(seq, batch), ranks_t)
+        if seq.has_cols or batch.has_cols:
+            n = len(seq.ranks)
+            windows = {r: seq.cols_at(p % n) or batch.cols_at(p // n) for p, r in enumerate(ranks_t)}
+            return layout.with_cols({r: c for r, c in windows.items() if c is not None},
+                                    seq.num_cols if seq.has_cols else batch.num_cols)
+        return layout
+
+    @classmethod
     def grid(cls, seq_lens: Sequence[int], dp: int = 1, cp: int = 1, tp: int = 1,
              cp_mode: str = "zigzag", tp_mode: str = "sp", dp_assign: str = "contiguous",
              ranks: Sequence[int] | None = None, order: str = "tp-cp-dp",
@@ -612,39 +778,25 @@ class Layout:
         ranks = _check_ranks(range(size) if ranks is None else ranks)
         if len(ranks) != size:
             raise ValueError(f"grid dp={dp} x cp={cp} x tp={tp} needs {size} ranks, got {len(ranks)}")
+        if cp_mode not in ("zigzag", "contiguous"):
+            raise ValueError(f"unknown cp mode {cp_mode!r}; expected zigzag or contiguous")
+        if dp_assign not in ("contiguous", "round_robin", "balanced"):
+            raise ValueError(f"unknown dp assign {dp_assign!r}; expected contiguous, round_robin or "
+                             f"balanced")
         degree = {"dp": dp, "cp": cp, "tp": tp}
         stride, acc = {}, 1
-        for d in dims:
-            stride[d] = acc
-            acc *= degree[d]
-
-        def rank_at(d: int, c: int, t: int) -> int:
-            return ranks[d * stride["dp"] + c * stride["cp"] + t * stride["tp"]]
-
-        lens = _check_lengths(seq_lens, "seq_lens")
-        outer = cls.dp(range(dp), lens, dp_assign)
-        dp_groups = []
-        for d in range(dp):  # type: ignore[assignment]  # d was a dim name (str) above
-            group_lens = [lens[s] for s in outer.kind.samples(d)]  # type: ignore[attr-defined]
-            cp_layout = cls.cp(range(cp), group_lens, cp_mode)
-            tp_layouts = []
-            for c in range(cp):
-                tp_ranks = [rank_at(d, c, t) for t in range(tp)]  # type: ignore[arg-type]
-                n = cp_layout.local_num_rows(c)
-                if tp_mode == "sp":
-                    tp_layouts.append(cls.contiguous(tp_ranks, n))
-                else:
-                    lay = cls.replicated(tp_ranks, n)
-                    if tp_mode == "hidden":
-                        bounds = split_points(num_cols, tp)  # type: ignore[arg-type]  # hidden: not None
-                        lay = lay.with_cols({r: (int(bounds[t]), int(bounds[t + 1]))
-                                             for t, r in enumerate(tp_ranks)}, num_cols)
-                    tp_layouts.append(lay)
-            dp_groups.append(cls.nest(cp_layout, tp_layouts))
-        layout = cls.nest(outer, dp_groups, ranks)
-        if num_cols is not None and not layout.has_cols:
-            layout = layout.with_cols(None, num_cols)
-        return layout
+        for dim in dims:
+            stride[dim] = acc
+            acc *= degree[dim]
+        kind = Grid(_check_lengths(seq_lens, "seq_lens"), (dp, cp, tp),
+                    (stride["dp"], stride["cp"], stride["tp"]), dp_assign, cp_mode, tp_mode)
+        layout = cls(kind, ranks)
+        if tp_mode == "hidden":
+            bounds = split_points(num_cols, tp)  # type: ignore[arg-type]  # hidden: not None
+            t_of = kind._position.argsort(axis=None) % tp  # position -> its TP coordinate
+            return layout.with_cols({r: (int(bounds[t]), int(bounds[t + 1]))
+                                     for r, t in zip(ranks, t_of.tolist())}, num_cols)
+        return layout if num_cols is None else layout.with_cols(None, num_cols)
 
     # -- modifiers --------------------------------------------------------------------------------
 
@@ -794,6 +946,24 @@ class ChunkIndex:
         s, j = divmod(interval, self.parts)
         return (int(self.owner(np.array([s]), np.array([j]))[0]),)
 
+    # vectorized over intervals (holders in increasing position, as holders_of lists them)
+
+    def counts(self, intervals: np.ndarray) -> np.ndarray:
+        """Number of holders of each interval."""
+        return np.full(len(intervals), self.replicas or 1, _I64)
+
+    def nth(self, intervals: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """The n[i]-th holder of intervals[i] (n[i] < its count)."""
+        if self.replicas:
+            return np.asarray(n, _I64)
+        return self.owner(intervals // self.parts, intervals % self.parts)
+
+    def holds(self, intervals: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Whether position pos[i] (-1: none) holds intervals[i]."""
+        if self.replicas:
+            return pos >= 0
+        return self.nth(intervals, pos) == pos
+
 
 def _chunk_of(pos: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Chunk holding position ``pos`` of a sequence tensor_split into chunks of q+1 (the first r)
@@ -815,6 +985,8 @@ class HolderIndex:
         order = np.lexsort((owner[idx], bins))
         self.holders = owner[idx][order]
         self.ptr = np.searchsorted(bins[order], np.arange(len(self.bps)), "left").astype(_I64)
+        self.num_positions = len(layout.ranks)
+        self.ptr_keys = bins[order] * self.num_positions + self.holders
 
     def split(self, starts: np.ndarray, ends: np.ndarray) -> Pieces:
         """Cut ranges at interval bounds: (range index, piece start, piece end, interval)."""
@@ -822,3 +994,18 @@ class HolderIndex:
 
     def holders_of(self, interval: int) -> tuple[int, ...]:
         return tuple(self.holders[self.ptr[interval]:self.ptr[interval + 1]].tolist())
+
+    # vectorized over intervals, as ChunkIndex
+
+    def counts(self, intervals: np.ndarray) -> np.ndarray:
+        return self.ptr[intervals + 1] - self.ptr[intervals]
+
+    def nth(self, intervals: np.ndarray, n: np.ndarray) -> np.ndarray:
+        return self.holders[self.ptr[intervals] + n]
+
+    def holds(self, intervals: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        # (interval, holder) keys increase through ``holders``: one binary search per query
+        keys = self.ptr_keys
+        query = intervals * self.num_positions + pos
+        at = np.minimum(np.searchsorted(keys, query), max(len(keys) - 1, 0))
+        return (pos >= 0) & (keys[at] == query) if len(keys) else np.zeros(len(intervals), bool)

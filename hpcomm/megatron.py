@@ -42,20 +42,39 @@ def megatron_ranks(tp: int = 1, cp: int = 1, dp: int = 1, pp: int = 1, pp_rank: 
             for d in range(dp) for c in range(cp) for t in range(tp)]
 
 
-def megatron_layout(seq_lens: Sequence[int], tp: int = 1, cp: int = 1, dp: int = 1, pp: int = 1,
+def megatron_layout(seq_lens: Sequence[int] | int, tp: int = 1, cp: int = 1, dp: int = 1, pp: int = 1,
                     pp_rank: int = 0, rank_offset: int = 0, sequence_parallel: bool = True,
                     cp_mode: str = "zigzag", dp_assign: str = "contiguous",
-                    order: str = MEGATRON_ORDER) -> Layout:
-    """The layout of THD-packed activations (rows = tokens of ``seq_lens``) on pipeline stage
-    ``pp_rank`` of a Megatron grid: DP hands out whole samples, CP cuts each sequence
-    (``cp_mode``), TP splits each CP rank's rows with sequence parallelism or replicates them.
+                    order: str = MEGATRON_ORDER, batch: int | None = None) -> Layout:
+    """The layout of activations on pipeline stage ``pp_rank`` of a Megatron grid.
+
+    THD-packed (``batch=None``): rows are the tokens of ``seq_lens``; DP hands out whole samples,
+    CP cuts each sequence (``cp_mode``), TP splits each CP rank's rows with sequence parallelism
+    or replicates them.
+
+    Sequence-first ``[s, b, h]`` (``batch`` = the global batch size B, summed over DP;
+    ``seq_lens`` = s, an int): rows are s * B + b. CP cuts s (``cp_mode``), TP splits each CP
+    rank's s rows (sequence parallelism) or replicates them, DP splits b contiguously; each rank's
+    local tensor is Megatron's [s / (cp * tp), B / dp, h] (tensor_split sizes when ragged).
 
     Example (MIMO): an encoder on ranks 0-3 and an LLM on ranks 4-7::
 
         encoder = megatron_layout(image_lens, tp=2, dp=2, sequence_parallel=False)
         llm = megatron_layout(seq_lens, tp=2, cp=2, rank_offset=4)
+        llm_sbh = megatron_layout(4096, tp=2, cp=2, batch=8, rank_offset=4)
     """
     ranks = megatron_ranks(tp, cp, dp, pp, pp_rank, rank_offset, order)
-    return Layout.grid(seq_lens, dp=dp, cp=cp, tp=tp, cp_mode=cp_mode,
-                       tp_mode="sp" if sequence_parallel else "replicate", dp_assign=dp_assign,
-                       ranks=ranks, order="tp-cp-dp")
+    tp_mode = "sp" if sequence_parallel else "replicate"
+    if batch is None:
+        if isinstance(seq_lens, int):
+            raise TypeError("seq_lens must be a list of sequence lengths (an int is the s of an "
+                            "[s, b, h] tensor, which needs batch=)")
+        return Layout.grid(seq_lens, dp=dp, cp=cp, tp=tp, cp_mode=cp_mode, tp_mode=tp_mode,
+                           dp_assign=dp_assign, ranks=ranks, order="tp-cp-dp")
+    if isinstance(seq_lens, bool) or not isinstance(seq_lens, int):
+        raise TypeError(f"with batch=, seq_lens is the sequence length s (an int), got {seq_lens!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ValueError(f"batch must be a non-negative int, got {batch!r}")
+    # the s axis of the mesh lists (cp, tp) ranks tp fastest, the order megatron_ranks uses
+    seq = Layout.grid([seq_lens], cp=cp, tp=tp, cp_mode=cp_mode, tp_mode=tp_mode, order="tp-cp-dp")
+    return Layout.seq_first(seq, Layout.contiguous(range(dp), batch), ranks)

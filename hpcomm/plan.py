@@ -1,8 +1,9 @@
 """Plans: what each rank sends, receives and copies locally to move a tensor between two layouts.
 
 A plan is pure data computed from two layouts alone (no process group, no tensors). Each rank
-builds only its own part (``Plan.rank_plan``), from the layouts' runs and holder indices, and the
-result is cached per (src, dst, rank).
+builds only its own part (``Plan.rank_plan``), from the layouts' runs and holder indices, once per
+plan. Caches: ``get_plan`` keeps the last 32 plans (each holds its rank parts and derived arrays);
+``_choose`` keeps 16k column-choice results. Nothing cached changes after it is built.
 
 Units: when neither layout splits columns, a "column" is the whole row (``col_mode`` False, every
 window is (0, 1)); otherwise columns are elements of the last dim.
@@ -25,11 +26,12 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from hpcomm.layout import Layout, ragged_arange, split_at, union_runs
+from hpcomm.layout import ChunkIndex, HolderIndex, Layout, ragged_arange, split_at, union_runs
 
 _I64 = np.int64
 _Arrays4 = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 Parts = tuple[tuple[int, int, int], ...]  # ((holder or destination position, c0, c1), ...)
+Messages = tuple[tuple[int, "Segments"], ...]  # ((peer, Segments in wire order), ...), peers increasing
 # (src rows, dst rows, num rows, src col, dst col, num cols, global rows) of local copies
 LocalPieces = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -235,16 +237,25 @@ class Plan:
     @cached_property
     def _crosses_wire(self) -> bool:
         src, dst = self.src, self.dst
+        if not src.partial and src == dst:
+            return False  # the identity: every rank copies its own rows (checked in O(1) by hash)
         for dpos, rank in enumerate(dst.ranks):
             want = self.cols_of(dst, dpos)
-            starts, lengths = dst.runs(rank)
-            if want[0] == want[1] or not len(starts):
+            if want[0] == want[1]:
                 continue
-            ends = starts + lengths
             spos = src.index(rank) if src.has_rank(rank) else -1
             own = self.cols_of(src, spos) if spos >= 0 else (0, 0)
-            held = (spos >= 0 and own[0] <= want[0] and want[1] <= own[1]
-                    and _contained(starts, ends, *src.runs(rank)))
+            own_cols = spos >= 0 and own[0] <= want[0] and want[1] <= own[1]
+            src_runs = src.runs(rank)
+            # a rank's rows are distinct, so as many as num_rows means all of them: whatever it
+            # wants is local, and its destination runs need not be read
+            if own_cols and not src.partial and int(src_runs[1].sum()) == src.num_rows:
+                continue
+            starts, lengths = dst.runs(rank)
+            if not len(starts):
+                continue
+            ends = starts + lengths
+            held = own_cols and _contained(starts, ends, *src_runs)
             if not src.partial and (held or not self.fill_missing):
                 # without fill_missing every element has a source holder: a peer's unless held here
                 if not held:
@@ -260,6 +271,11 @@ class Plan:
         the rows [starts, ends) x columns ``want`` of one destination rank."""
         index = self.src.holder_index
         _, _, _, bins = index.split(starts, ends)
+        if not self.col_mode:
+            count = index.counts(bins)
+            mine = index.holds(bins, np.full(len(bins), spos, _I64))
+            # a partial row sums every holder; a whole row comes from a peer where this rank lacks it
+            return bool((count > mine).any() if self.src.partial else ((count > 0) & ~mine).any())
         for b in np.unique(bins).tolist():
             holders = index.holders_of(b)
             # columns a peer would supply: all (partial sums) or those this rank lacks
@@ -297,88 +313,108 @@ class Plan:
     def _build(self, rank: int) -> RankPlan:
         src, dst = self.src, self.dst
         in_src, in_dst = src.has_rank(rank), dst.has_rank(rank)
-        recvs, local_pairs, zero_fill, adds = self._receiver(rank) if in_dst else ({}, [], False, False)
-        sends = self._sender(rank) if in_src else {}
+        recvs, local_pairs, zero_fill, adds = self._receiver(rank) if in_dst else ((), [], False, False)
+        sends = self._sender(rank) if in_src else ()
         in_rows, out_rows = src.local_num_rows(rank), dst.local_num_rows(rank)
         local = _local_segments(local_pairs)
         order: tuple[int, ...] = ()
         if adds:  # contributions are added in source-rank order; otherwise each lands once: a copy
-            contributors = set(recvs) | ({rank} if len(local[0]) else set())
+            contributors = {p for p, _ in recvs} | ({rank} if len(local[0]) else set())
             order = tuple(r for r in src.ranks if r in contributors)
         return RankPlan(rank, in_rows, out_rows, self.width(src, rank), self.width(dst, rank),
-                        sends=tuple(sorted(sends.items())), recvs=tuple(sorted(recvs.items())),
-                        local=local, accumulate=adds, zero_fill=zero_fill or adds, order=order)
+                        sends=sends, recvs=recvs, local=local, accumulate=adds,
+                        zero_fill=zero_fill or adds, order=order)
 
-    def _receiver(self, rank: int) -> tuple[dict[int, Segments], list[LocalPieces], bool, bool]:
+    @cached_property
+    def _whole_rows(self) -> bool:
+        """Every element of a row comes from one holder: ``choose`` reduces to a vectorized pick."""
+        return not self.col_mode and not self.src.partial
+
+    @cached_property
+    def _rank_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(src ranks, dst ranks, source position of each destination position or -1)."""
+        src_ranks, dst_ranks = np.asarray(self.src.ranks, _I64), np.asarray(self.dst.ranks, _I64)
+        order = np.argsort(src_ranks)
+        at = np.minimum(np.searchsorted(src_ranks[order], dst_ranks), len(order) - 1)
+        return src_ranks, dst_ranks, np.where(src_ranks[order][at] == dst_ranks, order[at], -1)
+
+    def _receiver(self, rank: int) -> tuple[Messages, list[LocalPieces], bool, bool]:
         """What ``rank`` receives (per peer, wire order) and copies locally, as destination."""
         src, dst = self.src, self.dst
         index = src.holder_index
+        src_ranks, _, src_pos = self._rank_arrays
         dpos = dst.index(rank)
-        dc0 = self.cols_of(dst, dpos)[0]
+        dc0, dc1 = self.cols_of(dst, dpos)
         starts, lengths = dst.runs(rank)
         local_off = np.cumsum(lengths) - lengths
         ridx, ps, pe, bins = index.split(starts, starts + lengths)
         dst_rows = local_off[ridx] + (ps - starts[ridx])
-        choices, (piece, holder, c0, c1) = self._expand(
-            bins, lambda b: self.choose(index.holders_of(b), dpos))
-        adds = any(c.adds for c in choices)
-        dc1 = self.cols_of(dst, dpos)[1]
+        if self._whole_rows:
+            holder = _pick(index, bins, np.full(len(bins), src_pos[dpos]), np.full(len(bins), dpos))
+            piece = np.flatnonzero(holder >= 0)
+            holder, c0, c1 = holder[piece], np.zeros(len(piece), _I64), np.ones(len(piece), _I64)
+            adds = False
+        else:
+            choices, (piece, holder, c0, c1) = self._expand(
+                bins, lambda b: self.choose(index.holders_of(b), dpos))
+            adds = any(c.adds for c in choices)
         got = np.bincount(piece, (pe[piece] - ps[piece]) * (c1 - c0), len(ps))
         short = got < (pe - ps) * (dc1 - dc0)
         if short.any() and not self.fill_missing:
             raise ValueError(f"destination row {int(ps[short][0])} of rank {rank} is held by no "
                              f"source rank")
-        zero_fill = bool(short.any())
-        peers = np.asarray(src.ranks, _I64)[holder]
-        recvs = {}
+        peers = src_ranks[holder]
+        mine = peers == rank
         local_pairs = []
-        for peer in np.unique(peers).tolist():
-            sel = np.flatnonzero(peers == peer)
-            p = piece[sel]
-            if peer == rank:
-                spos_c0 = self.cols_of(src, src.index(rank))[0]
-                src_rows = _local_rows(src.runs(rank), ps[p])
-                local_pairs.append((src_rows, dst_rows[p], pe[p] - ps[p], c0[sel] - spos_c0,
-                                    c0[sel] - dc0, c1[sel] - c0[sel], ps[p]))
-            else:
-                recvs[peer] = _wire_order(dst_rows[p], pe[p] - ps[p], c0[sel] - dc0,
-                                          c1[sel] - c0[sel], ps[p], c0[sel])
-        return recvs, local_pairs, zero_fill, adds
+        if mine.any():
+            sel, p = np.flatnonzero(mine), piece[mine]
+            spos_c0 = self.cols_of(src, src.index(rank))[0]
+            local_pairs.append((_local_rows(src.runs(rank), ps[p]), dst_rows[p], pe[p] - ps[p],
+                                c0[sel] - spos_c0, c0[sel] - dc0, c1[sel] - c0[sel], ps[p]))
+        sel = np.flatnonzero(~mine)
+        p = piece[sel]
+        recvs = _messages(peers[sel], dst_rows[p], pe[p] - ps[p], c0[sel] - dc0, c1[sel] - c0[sel],
+                          ps[p], c0[sel])
+        return recvs, local_pairs, bool(short.any()), adds
 
-    def _sender(self, rank: int) -> dict[int, Segments]:
+    def _sender(self, rank: int) -> Messages:
         """What ``rank`` sends to each peer (wire order), as a source holder."""
         src, dst = self.src, self.dst
+        src_index, dst_index = src.holder_index, dst.holder_index
+        _, dst_ranks, src_pos = self._rank_arrays
         spos = src.index(rank)
         sc0 = self.cols_of(src, spos)[0]
         starts, lengths = src.runs(rank)
         local_off = np.cumsum(lengths) - lengths
-        sidx, s_ps, s_pe, s_bins = src.holder_index.split(starts, starts + lengths)
-        didx, ps, pe, d_bins = dst.holder_index.split(s_ps, s_pe)
+        sidx, s_ps, s_pe, s_bins = src_index.split(starts, starts + lengths)
+        didx, ps, pe, d_bins = dst_index.split(s_ps, s_pe)
         src_bins = s_bins[didx]
         src_rows = local_off[sidx[didx]] + (ps - starts[sidx[didx]])
-        dst_index = dst.holder_index
-        dst_ranks = np.asarray(dst.ranks, _I64)
+        if self._whole_rows:
+            # every (piece, destination holder) pair; keep those the rule gives to this rank
+            count = dst_index.counts(d_bins)
+            pair = np.repeat(np.arange(len(ps), dtype=_I64), count)
+            d = dst_index.nth(d_bins[pair], ragged_arange(count))
+            remote = np.flatnonzero(dst_ranks[d] != rank)  # a local copy is planned by the receiver
+            pair, d = pair[remote], d[remote]
+            chosen = np.flatnonzero(_pick(src_index, src_bins[pair], src_pos[d], d) == spos)
+            piece, d = pair[chosen], d[chosen]
+            c0, c1 = np.zeros(len(piece), _I64), np.ones(len(piece), _I64)
+        else:
+            def mine(pair: tuple[int, int]) -> Parts:
+                sb, db = pair
+                holders = src_index.holders_of(sb)
+                out: list[tuple[int, int, int]] = []
+                for d in dst_index.holders_of(db):
+                    if dst.ranks[d] == rank:
+                        continue  # a local copy, planned by the receiving side of this rank
+                    out.extend((d, a, b) for h, a, b in self.choose(holders, d).parts if h == spos)
+                return tuple(out)
 
-        def mine(pair: tuple[int, int]) -> Parts:
-            sb, db = pair
-            holders = src.holder_index.holders_of(sb)
-            out: list[tuple[int, int, int]] = []
-            for d in dst_index.holders_of(db):
-                if dst.ranks[d] == rank:
-                    continue  # a local copy, planned by the receiving side of this rank
-                out.extend((d, a, b) for h, a, b in self.choose(holders, d).parts if h == spos)
-            return tuple(out)
-
-        keys = np.stack([src_bins, d_bins], 1) if len(ps) else np.zeros((0, 2), _I64)
-        piece, d, c0, c1 = self._expand_pairs(keys, mine)
-        peers = dst_ranks[d]
-        sends = {}
-        for peer in np.unique(peers).tolist():
-            sel = np.flatnonzero(peers == peer)
-            p = piece[sel]
-            sends[peer] = _wire_order(src_rows[p], pe[p] - ps[p], c0[sel] - sc0, c1[sel] - c0[sel],
-                                      ps[p], c0[sel])
-        return sends
+            keys = np.stack([src_bins, d_bins], 1) if len(ps) else np.zeros((0, 2), _I64)
+            piece, d, c0, c1 = self._expand_pairs(keys, mine)
+        return _messages(dst_ranks[d], src_rows[piece], pe[piece] - ps[piece], c0 - sc0, c1 - c0,
+                         ps[piece], c0)
 
     @staticmethod
     def _expand(keys: np.ndarray, fn: Callable[[int], Choice]) -> tuple[list[Choice], _Arrays4]:
@@ -395,6 +431,19 @@ class Plan:
         uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
         results = [fn((int(a), int(b))) for a, b in uniq]
         return _expand_results(results, inverse.reshape(-1))
+
+
+def _pick(index: HolderIndex | ChunkIndex, bins: np.ndarray, me: np.ndarray, dst_pos: np.ndarray
+          ) -> np.ndarray:
+    """``choose`` for whole rows, vectorized: the source holder position that destination position
+    dst_pos[i] (whose own source position is me[i], -1 for none) reads interval bins[i] from: its
+    own if it holds the row, else holder ``dst_pos % count`` in source-rank order; -1: no holder."""
+    out = np.full(len(bins), -1, _I64)
+    count = index.counts(bins)
+    held = np.flatnonzero(count > 0)
+    b, m, d = bins[held], me[held], dst_pos[held]
+    out[held] = np.where(index.holds(b, m), m, index.nth(b, d % count[held]))
+    return out
 
 
 def _expand_results(results: Sequence[Parts], inverse: np.ndarray) -> _Arrays4:
@@ -424,23 +473,25 @@ def _local_rows(runs: tuple[np.ndarray, np.ndarray], global_rows: np.ndarray) ->
     return local_off[j] + (global_rows - starts[j])
 
 
-def _fuse(order_keys: tuple[np.ndarray, ...], row: np.ndarray, num_rows: np.ndarray, col: np.ndarray,
-          num_cols: np.ndarray, global_row: np.ndarray) -> _Arrays4:
-    """Sort segments by ``order_keys`` and fuse neighbours that continue each other both in the
-    local tensor and globally with the same window (the wire layout does not change)."""
-    o = np.lexsort(order_keys)
-    row, num_rows, col, num_cols, global_row = (a[o] for a in (row, num_rows, col, num_cols, global_row))
-    if len(row) < 2:
-        return row, num_rows, col, num_cols
-    cont = ((row[1:] == row[:-1] + num_rows[:-1]) & (global_row[1:] == global_row[:-1] + num_rows[:-1])
-            & (col[1:] == col[:-1]) & (num_cols[1:] == num_cols[:-1]))
-    heads = np.flatnonzero(np.concatenate([[True], ~cont]))
-    return row[heads], np.add.reduceat(num_rows, heads), col[heads], num_cols[heads]
-
-
-def _wire_order(row: np.ndarray, num_rows: np.ndarray, col: np.ndarray, num_cols: np.ndarray,
-                global_row: np.ndarray, global_col: np.ndarray) -> Segments:
-    return Segments(*_fuse((global_row, global_col), row, num_rows, col, num_cols, global_row))
+def _messages(peers: np.ndarray, row: np.ndarray, num_rows: np.ndarray, col: np.ndarray,
+              num_cols: np.ndarray, global_row: np.ndarray, global_col: np.ndarray) -> Messages:
+    """Per-peer Segments (peers increasing) in wire order: by (column window start, global row),
+    neighbours that continue each other both locally and globally with the same window fused
+    (the wire layout does not change)."""
+    o = np.lexsort((global_row, global_col, peers))
+    peers, row, num_rows, col, num_cols, global_row = (
+        a[o] for a in (peers, row, num_rows, col, num_cols, global_row))
+    if len(row) > 1:
+        cont = ((peers[1:] == peers[:-1]) & (row[1:] == row[:-1] + num_rows[:-1])
+                & (global_row[1:] == global_row[:-1] + num_rows[:-1]) & (col[1:] == col[:-1])
+                & (num_cols[1:] == num_cols[:-1]))
+        heads = np.flatnonzero(np.concatenate([[True], ~cont]))
+        peers, row, col, num_cols = peers[heads], row[heads], col[heads], num_cols[heads]
+        num_rows = np.add.reduceat(num_rows, heads)
+    bounds = np.flatnonzero(np.concatenate([[True], peers[1:] != peers[:-1], [True]])) if len(
+        peers) else np.zeros(1, _I64)
+    return tuple((int(peers[a]), Segments(row[a:b], num_rows[a:b], col[a:b], num_cols[a:b]))
+                 for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
 def _local_segments(pairs: Sequence[LocalPieces]) -> tuple[Segments, Segments]:
@@ -459,7 +510,7 @@ def _local_segments(pairs: Sequence[LocalPieces]) -> tuple[Segments, Segments]:
     return Segments(src_row, n, scol, ncols), Segments(dst_row, n, dcol, ncols)
 
 
-@lru_cache(maxsize=1 << 16)
+@lru_cache(maxsize=1 << 14)
 def _choose(holder_cols: tuple[tuple[int, int, int], ...], want: tuple[int, int], me: int,
             dst_pos: int, dst_rank: int, partial: bool, fill_missing: bool) -> Choice:
     """Plan.choose over explicit inputs: holder_cols ((holder, c0, c1), ...) in source-rank order,
@@ -492,7 +543,7 @@ def _choose(holder_cols: tuple[tuple[int, int, int], ...], want: tuple[int, int]
     return Choice(tuple(fused), adds)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=32)
 def get_plan(src: Layout, dst: Layout, fill_missing: bool = False) -> Plan:
     """The cached plan for a layout pair (layouts are hashable)."""
     return Plan(src, dst, fill_missing)

@@ -44,9 +44,6 @@ _BUILTIN: dict[str, str | None] = {
     "torch": None,
 }
 
-Row = tuple[int, int, int, int, int, int]
-
-
 @dataclass(frozen=True, eq=False)
 class Prepared:
     """A table prepared for one backend and device. ``data`` is the backend's own (device tables,
@@ -82,6 +79,8 @@ class Backend:
         reason = self.unusable_reason(device)
         if reason is not None:
             raise ValueError(reason)
+        if device.type == "cuda" and device.index is None:  # what tensors report, so apply can compare
+            device = torch.device("cuda", torch.cuda.current_device())
         rows = checked_table(table)
         src_extent, dst_extent = table_extents(rows)
         data = self._prepare(rows, device) if len(rows) else None
@@ -93,6 +92,9 @@ class Backend:
         if src.dim() != 1 or dst.dim() != 1 or not src.is_contiguous() or not dst.is_contiguous():
             raise ValueError(f"src and dst must be flat contiguous 1-D tensors, got {tuple(src.shape)} and "
                              f"{tuple(dst.shape)}")
+        if src.device != prepared.device or dst.device != prepared.device:
+            raise ValueError(f"the table was prepared for {prepared.device}; got src on {src.device} and dst "
+                             f"on {dst.device}")
         if src.numel() < prepared.src_extent or dst.numel() < prepared.dst_extent:
             raise IndexError(f"the table reads {prepared.src_extent} elements of src and writes "
                              f"{prepared.dst_extent} of dst; got {src.numel()} and {dst.numel()}")
@@ -108,14 +110,15 @@ class Backend:
 
 
 def checked_table(table: torch.Tensor) -> torch.Tensor:
-    """The table as a contiguous CPU int64 [n, 6] tensor; TypeError / ValueError (naming the first
-    bad segment) unless it is int64 [n, 6] with no negative entry."""
+    """The table as a new contiguous CPU int64 [n, 6] tensor; TypeError / ValueError (naming the
+    first bad segment) unless it is int64 [n, 6] with no negative entry."""
     if not isinstance(table, torch.Tensor) or table.dtype != torch.int64:
         raise TypeError(f"a segment table must be an int64 tensor, got "
                         f"{table.dtype if isinstance(table, torch.Tensor) else type(table).__name__}")
     if table.dim() != 2 or table.shape[1] != len(TABLE_COLUMNS):
         raise ValueError(f"a segment table must be [num_segments, 6], got {tuple(table.shape)}")
-    rows = table.cpu().contiguous()
+    # a copy: what backends keep must not change if the caller reuses the tensor
+    rows = table.detach().cpu().clone(memory_format=torch.contiguous_format)
     negative = (rows < 0).any(dim=1)
     if bool(negative.any()):
         i = int(negative.nonzero()[0])
@@ -133,6 +136,16 @@ def table_extents(rows: torch.Tensor) -> tuple[int, int]:
     src_end = r[:, 0] + last_line * r[:, 4] + r[:, 3]
     dst_end = r[:, 1] + last_line * r[:, 5] + r[:, 3]
     return int(src_end.max()), int(dst_end.max())
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to ``device`` without stalling the host on a GPU: pinned, non-blocking
+    (the pinned caching allocator holds the host block until the copy is done). Layouts change every
+    step, so tables are prepared while the GPU is busy; the copy is ordered before later launches on
+    the current stream."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _apply_rows(src: torch.Tensor, dst: torch.Tensor, rows: Sequence[Sequence[int]], accumulate: bool) -> None:
@@ -156,7 +169,7 @@ def copy_segments_reference(src: torch.Tensor, dst: torch.Tensor, table: torch.T
 
 
 class TorchBackend(Backend):
-    """The reference as a backend: runs anywhere, and converts when src and dst dtypes differ (the
+    """The reference as a backend: runs wherever torch does, and converts when src and dst dtypes differ (the
     execution layer relies on that for a wire dtype). Its rows become Python ints once, in prepare,
     so a call reads nothing back from the device."""
 
@@ -189,8 +202,9 @@ def backend_names() -> tuple[str, ...]:
     return tuple(_BUILTIN) + tuple(name for name in _REGISTRY if name not in _BUILTIN)
 
 
-def _load(name: str) -> Backend | None:
-    # Imported on first use, so that importing hpcomm never requires the extension or triton.
+def lookup_backend(name: str) -> Backend | None:
+    """The backend registered as ``name``, whatever its devices; None if it is not built here. Its
+    module is imported on first use, so that importing hpcomm never requires the extension or triton."""
     module = _BUILTIN.get(name)
     if module is not None and module not in _loaded:
         _loaded.add(module)
@@ -203,7 +217,7 @@ def _load(name: str) -> Backend | None:
 
 def backends() -> dict[str, bool]:
     """Which kernel backends are usable in this process (built and importable): {name: available}."""
-    return {name: _load(name) is not None for name in backend_names()}
+    return {name: lookup_backend(name) is not None for name in backend_names()}
 
 
 def get_backend(name: str, device: torch.device) -> Backend:
@@ -212,12 +226,12 @@ def get_backend(name: str, device: torch.device) -> Backend:
     unknown, the backend is not built here, or it cannot run on ``device``."""
     if name == "auto":
         for candidate in backend_names():
-            backend = _load(candidate)
+            backend = lookup_backend(candidate)
             if backend is not None and backend.usable(device):
                 return backend
     if name not in backend_names():
         raise ValueError(f"unknown backend {name!r}; known: {', '.join(('auto',) + backend_names())}")
-    backend = _load(name)
+    backend = lookup_backend(name)
     if backend is None:
         available = [n for n, ok in backends().items() if ok]
         raise ValueError(f"backend {name!r} is not available in this build; available: {', '.join(available)}")

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from hpcomm.segments import Backend, register_backend
+from hpcomm.segments import Backend, host_to_device, register_backend
 
 # Copies move raw bits, so each element size maps to one integer type and float8, bool and
 # anything else of that size share a kernel.
@@ -143,8 +143,9 @@ class TritonBackend(Backend):
         block, num_warps = next((b for b in _BLOCKS if b[0] >= longest), _BLOCKS[-1])
         if interpret:
             block = _BLOCK_INTERPRETED
-        return TritonTable(rows.to(device), chunk_ends.to(device), min(int(chunk_ends[-1]), max_programs),
-                           block, num_warps, interpret)
+        grid = min(int(chunk_ends[-1]), max_programs)
+        return TritonTable(host_to_device(rows, device), host_to_device(chunk_ends, device), grid, block, num_warps,
+                           interpret)
 
     def _launch(self, data: Any, src: torch.Tensor, dst: torch.Tensor, accumulate: bool) -> None:
         """src [>= src_extent], dst [>= dst_extent]: flat contiguous, one dtype, the prepared device."""

@@ -6,7 +6,6 @@ its output in the graph, and its compiled backward must still run the collective
 gradients to rank 0 (the ops are registered as ordered effects so that the compiler keeps it)."""
 
 import pytest
-import torch
 
 from hpcomm import Layout, Transform, ops
 

@@ -1,11 +1,18 @@
 """Engine features: preallocated and scattered outputs, async calls, wire dtype, zero-copy,
 identity without a copy, buffer reuse, cross-rank validation."""
 
+import gc
+import os
+
+import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 
 from hpcomm import Layout, Transform
 from hpcomm.comm import PAYLOAD_TAG
+from hpcomm.engine import Engine
+from hpcomm.plan import Plan
 from hpcomm.segments import TorchBackend, register_backend
 from strategies import shard_all
 
@@ -273,3 +280,65 @@ def test_tables_are_prepared_once_per_plan(world):
     for rank, (first, total, launched) in enumerate(world(2).run(prepared_once)):
         assert first > 0 and total == first, f"rank {rank}: {total} preparations for {first} tables"
         assert launched >= 100, rank
+
+
+def nothing_crosses(rank, world_size):
+    lens = [16, 16, 16, 16]
+    t = Transform(Layout.dp(range(4), lens), Layout.grid(lens, dp=2, tp=2))  # SP chunks = own samples
+    x_global = torch.randn(64, 8)
+    x = t.src.shard(x_global, rank).clone().requires_grad_()
+    saved = dist.batch_isend_irecv, dist.all_gather_into_tensor
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a transform with nothing off-rank communicated")
+
+    dist.batch_isend_irecv = dist.all_gather_into_tensor = forbidden
+    try:
+        y = t(x)
+        y.backward(torch.ones_like(y))
+    finally:
+        dist.batch_isend_irecv, dist.all_gather_into_tensor = saved
+    return torch.equal(y, t.dst.shard(x_global, rank)), bool((x.grad == 1).all()), t.spec.crosses
+
+
+def test_nothing_off_rank_means_local_copies_only(world):
+    for rank, (fwd, bwd, crosses) in enumerate(world(4).run(nothing_crosses)):
+        assert fwd and bwd and crosses == (False, False), rank
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _live(cls):
+    return sum(type(o) is cls for o in gc.get_objects())
+
+
+def _training_step(rng, step):
+    """One step with layouts no earlier step had: a new Transform, forward and backward for every
+    rank (simulated), through every cache the distributed path uses."""
+    lens = rng.integers(1, 40, 4).tolist()
+    if step % 2:
+        src, dst = Layout.dp(range(2), lens, "balanced"), Layout.cp(range(2), lens, "zigzag")
+    else:  # column splits go through the cached choice rule
+        src = Layout.grid(lens, tp=2, tp_mode="hidden", num_cols=8)
+        dst = Layout.contiguous(range(2), sum(lens)).with_cols(None, 8)
+    t = Transform(src, dst)
+    x = torch.ones(sum(lens), 8)
+    ys = t.simulate({r: src.shard(x, r) for r in range(2)})
+    t.simulate_backward(ys)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux /proc")
+def test_memory_stays_flat_over_10000_steps_of_fresh_layouts():
+    rng = np.random.default_rng(0)
+    for step in range(2000):  # fills every bounded cache
+        _training_step(rng, step)
+    gc.collect()
+    warm, plans, layouts, engines = _rss(), _live(Plan), _live(Layout), _live(Engine)
+    for step in range(2000, 10000):
+        _training_step(rng, step)
+    gc.collect()
+    assert _live(Plan) <= plans and _live(Layout) <= layouts + 8 and _live(Engine) <= engines
+    assert _rss() - warm < 50 * 2**20, f"RSS grew by {(_rss() - warm) / 2**20:.1f} MiB over 8000 steps"

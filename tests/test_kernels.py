@@ -185,6 +185,22 @@ def test_many_random_rows_and_big_runs(backend, dtype):
         _check_against_reference(backend, dtype, table, src_numel, dst_numel, accumulate, seed=3)
 
 
+@pytest.mark.parametrize("num_segments, line_len", [(16, 16), (8, 40_000), (600, 600)],
+                         ids=["small-serial", "few-big-chunked", "many-by-segment"])
+def test_every_work_split_matches_reference(backend, num_segments, line_len):
+    """The CPU kernel's three ways to split a table (one thread under 256 KiB, work items for few
+    segments, segments across threads with big ones deferred) and whatever the others do."""
+    if backend == "triton" and not torch.cuda.is_available() and num_segments * line_len > 4096:
+        pytest.skip("too large for the Triton interpreter")
+    order = torch.randperm(num_segments, generator=torch.Generator().manual_seed(0))
+    stride = line_len + 3
+    table = torch.stack([order * stride, torch.arange(num_segments) * line_len,
+                         *(torch.full((num_segments,), v) for v in (1, line_len, line_len, line_len))], 1)
+    for accumulate in (False, True):
+        _check_against_reference(backend, torch.float32, table, num_segments * stride,
+                                 num_segments * line_len, accumulate, seed=5)
+
+
 @pytest.mark.parametrize("dtype", NO_ADD_DTYPES, ids=str)
 def test_float8_accumulate_raises(backend, dtype):
     device = _device(backend)
@@ -267,16 +283,18 @@ def any_backend(request, monkeypatch):
 
 @contextlib.contextmanager
 def _no_host_reads():
-    """Fails on any read of a tensor's values on the host, or a table check."""
+    """Fails on any read of a tensor's values on the host, a copy to another device, a prefix sum,
+    or a table check."""
     def forbidden(*args, **kwargs):
-        raise AssertionError("apply read a tensor back to the host or checked the table")
+        raise AssertionError("apply read a tensor back to the host, copied, summed or checked the table")
 
-    names = ("cpu", "tolist", "item", "numpy", "__int__", "__index__", "__bool__", "__float__")
+    names = ("cpu", "cuda", "to", "tolist", "item", "numpy", "cumsum", "__int__", "__index__", "__bool__",
+             "__float__")
     with contextlib.ExitStack() as stack:
         for name in names:
             stack.enter_context(mock.patch.object(torch.Tensor, name, forbidden))
-        stack.enter_context(mock.patch.object(segments, "checked_table", forbidden))
-        stack.enter_context(mock.patch.object(segments, "table_extents", forbidden))
+        for module, name in ((torch, "cumsum"), (segments, "checked_table"), (segments, "table_extents")):
+            stack.enter_context(mock.patch.object(module, name, forbidden))
         yield
 
 
@@ -301,10 +319,10 @@ def test_prepare_once_apply_many_without_host_reads(any_backend):
     expected = torch.zeros(64)
     for accumulate in (False, True, True):
         segments.copy_segments_reference(src.cpu(), expected, table, accumulate)
-    with _no_host_reads():
+    with _no_host_reads(), mock.patch.object(type(any_backend), "_prepare", counting_prepare):
         for accumulate in (False, True, True):
             any_backend.apply(prepared, src, out, accumulate)
-    assert torch.equal(out.cpu(), expected)
+    assert calls == [1] and torch.equal(out.cpu(), expected)
 
 
 def test_triton_apply_is_one_launch_of_prepared_device_data(monkeypatch):
@@ -411,3 +429,44 @@ def test_registered_backend_is_known_but_never_auto(monkeypatch):
     out = torch.zeros(2)
     segments.copy_segments(torch.ones(2), out, torch.tensor([[0, 0, 1, 2, 2, 2]]), backend="doubling")
     assert out.tolist() == [2.0, 2.0]
+
+
+def test_apply_checks_the_prepared_device():
+    backend = segments.get_backend("torch", torch.device("meta"))
+    prepared = backend.prepare(torch.tensor([[0, 0, 1, 2, 2, 2]]), torch.device("meta"))
+    with pytest.raises(ValueError, match="prepared for meta"):
+        backend.apply(prepared, torch.zeros(2), torch.zeros(2), False)
+
+
+def test_cuda_backend_glue_on_cpu(monkeypatch):
+    """The CUDA backend's Python half (prepare: host prefix sums, device copies; apply: one launch
+    with the prepared data) on CPU tensors, with the launch replaced by the CPU walk of the same work
+    items: what runs on a GPU except the kernel itself."""
+    if not AVAILABLE["cpp"]:
+        pytest.skip("hpcomm._C not built")
+    from hpcomm import _C, _cpp_backend
+
+    class CudaOnCpu(_cpp_backend.CudaBackend):
+        device_types = ("cpu",)
+
+    launches = []
+
+    def launch(src, dst, table, chunk_ends, total_items, accumulate):
+        launches.append((table, chunk_ends, total_items, accumulate))
+        _C.copy_segments_by_items(src, dst, table, chunk_ends)
+
+    monkeypatch.setattr(_C, "launch_segments_cuda", launch, raising=False)
+    backend, cpu = CudaOnCpu(), torch.device("cpu")
+    table = torch.tensor([[0, 7, 1, 40_000, 0, 0], [5, 0, 3, 2, 9, 2], [1, 40_010, 0, 4, 4, 4]])
+    prepared = backend.prepare(table, cpu)
+    src = _fill(40_100, torch.float16, 0, False)
+    out, expected = torch.zeros(40_100, dtype=torch.float16), torch.zeros(40_100, dtype=torch.float16)
+    segments.copy_segments_reference(src, expected, table)
+    with _no_host_reads():
+        backend.apply(prepared, src, out, False)
+    # 40000 elements in 3 items of 16384, 3 short lines in 1, the empty segment in none
+    (table_arg, ends_arg, total_items, accumulate), = launches
+    assert table_arg is prepared.data.table and ends_arg is prepared.data.chunk_ends
+    assert (total_items, accumulate) == (4, False)
+    assert prepared.data.chunk_ends.tolist() == [3, 4, 4]
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))

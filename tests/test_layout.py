@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hpcomm import Layout
+from hpcomm.plan import Plan
 
 
 def rows_of(layout):
@@ -142,3 +144,97 @@ def test_fingerprint_is_stable_across_processes():
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout
             for seed in ("1", "2")}
     assert len(seen) == 1
+
+
+def brute_seq_first(seq, batch, ranks):
+    """{rank: rows}: the s rows of its seq rank times the b rows of its batch rank, s-major."""
+    n, width = len(seq.ranks), batch.num_rows
+    return {r: [s * width + b for s in seq.rows(seq.ranks[p % n]).tolist()
+                for b in batch.rows(batch.ranks[p // n]).tolist()] for p, r in enumerate(ranks)}
+
+
+seq_axis_st = st.tuples(st.integers(0, 13), st.integers(1, 3), st.sampled_from(
+    ["zigzag", "contiguous", "flat", "replicated", "grid"]))
+batch_axis_st = st.tuples(st.integers(0, 5), st.integers(1, 3), st.sampled_from(
+    ["contiguous", "dp", "replicated", "rows"]))
+
+
+def axis_layout(spec, seq_axis):
+    n, k, kind = spec
+    if kind in ("zigzag", "contiguous") and seq_axis:
+        return Layout.cp(range(k), [n], kind)
+    if kind == "grid":
+        return Layout.grid([n], cp=k, tp=2)
+    if kind == "replicated":
+        return Layout.replicated(range(k), n)
+    if kind == "dp":
+        return Layout.dp(range(k), [1] * n, "round_robin")
+    if kind == "rows":  # b rows in a shuffled local order, one row missing
+        return Layout.from_rows({i: list(range(n))[::-1][i::k][: max(0, n - 1)] for i in range(k)}, n)
+    return Layout.contiguous(range(k), n)
+
+
+@given(seq_axis_st, batch_axis_st, st.randoms())
+def test_seq_first_matches_definition(seq_spec, batch_spec, rnd):
+    seq, batch = axis_layout(seq_spec, True), axis_layout(batch_spec, False)
+    ranks = rnd.sample(range(100), len(seq.ranks) * len(batch.ranks))
+    lay = Layout.seq_first(seq, batch, ranks)
+    assert lay.num_rows == seq.num_rows * batch.num_rows and lay.ranks == tuple(ranks)
+    assert rows_of(lay) == brute_seq_first(seq, batch, ranks)
+    # the plan to and from the same rows written out explicitly moves the same data
+    explicit = Layout.from_rows(rows_of(lay), lay.num_rows)
+    other = Layout.contiguous(ranks[::-1], lay.num_rows)
+    for a, b in ((lay, other), (other, lay), (lay, explicit)):
+        pa = Plan(a, b, fill_missing=True)
+        pe = Plan(Layout.from_rows(rows_of(a), a.num_rows), Layout.from_rows(rows_of(b), b.num_rows),
+                  fill_missing=True)
+        for r in ranks:
+            assert pa.rank_plan(r).stats() == pe.rank_plan(r).stats()
+
+
+def test_seq_first_columns_and_checks():
+    seq = Layout.replicated([0, 1], 3).with_cols({0: (0, 2), 1: (2, 4)}, 4)
+    lay = Layout.seq_first(seq, Layout.contiguous([0, 1], 2))
+    assert [lay.cols(r) for r in lay.ranks] == [(0, 2), (2, 4), (0, 2), (2, 4)]
+    assert rows_of(lay) == {0: [0, 2, 4], 1: [0, 2, 4], 2: [1, 3, 5], 3: [1, 3, 5]}
+    with pytest.raises(ValueError, match="needs 4 ranks, got 3"):
+        Layout.seq_first(seq, Layout.contiguous([0, 1], 2), [0, 1, 2])
+    with pytest.raises(ValueError, match="only one"):
+        Layout.seq_first(seq, Layout.replicated([0], 2).with_cols(None, 4))
+
+
+def test_seq_first_plans_in_runs_not_rows():
+    """2**30 rows: anything proportional to rows would need gigabytes; runs are a handful."""
+    s, b = 1 << 20, 1 << 10
+    whole_batch = Layout.contiguous([0], b)
+    src = Layout.seq_first(Layout.contiguous(range(4), s), whole_batch)
+    dst = Layout.seq_first(Layout.cp(range(4), [s], "zigzag"), whole_batch)
+    tracemalloc.start()
+    plans = [Plan(src, dst).rank_plan(r) for r in range(4)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [len(dst.runs(r)[0]) for r in range(4)] == [2, 2, 2, 1]  # chunks 3, 4 touch
+    assert peak < 2**20, peak
+    assert sum(p.stats()["sent"] + p.stats()["copied"] for p in plans) == s * b
+    # DP over b: one run per (s row, b run) of a rank, so b_local times fewer runs than rows
+    dp = Layout.seq_first(Layout.cp(range(2), [4096], "zigzag"), Layout.contiguous(range(4), 64))
+    assert [len(dp.runs(r)[0]) for r in dp.ranks] == [2048] * 8
+    assert all(dp.local_num_rows(r) == 2048 * 16 for r in dp.ranks)
+
+
+@given(lens_st, st.integers(1, 3), st.integers(1, 3), st.integers(1, 3),
+       st.sampled_from(["zigzag", "contiguous"]), st.sampled_from(["sp", "replicate"]),
+       st.sampled_from(["contiguous", "round_robin", "balanced"]),
+       st.sampled_from(["tp-cp-dp", "dp-tp-cp", "cp-dp-tp"]))
+def test_all_runs_agree_with_each_rank(lens, dp, cp, tp, cp_mode, tp_mode, dp_assign, order):
+    """Every rank's runs at once (what the holder index reads) equal the runs of each rank."""
+    grid = Layout.grid(lens, dp, cp, tp, cp_mode=cp_mode, tp_mode=tp_mode, dp_assign=dp_assign,
+                       order=order, ranks=list(range(dp * cp * tp))[::-1])
+    halves = Layout.contiguous([0, 1], grid.num_rows)
+    nested = Layout.nest(halves, [Layout.contiguous([10], halves.local_num_rows(0)),
+                                  Layout.replicated([11, 12], halves.local_num_rows(1))])
+    for lay in (grid, Layout.seq_first(grid, Layout.contiguous([0, 1], 3)), nested):
+        pos, starts, lengths = lay.all_runs()
+        for p, r in enumerate(lay.ranks):
+            s, n = lay.runs(r)
+            assert starts[pos == p].tolist() == s.tolist() and lengths[pos == p].tolist() == n.tolist()

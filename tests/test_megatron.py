@@ -4,7 +4,7 @@ semantics (DP contiguous samples, zigzag CP chunks, sequence-parallel TP split),
 import pytest
 import torch
 
-from hpcomm import Transform
+from hpcomm import Layout, Transform
 from hpcomm.megatron import megatron_layout, megatron_ranks
 
 LENS = [8, 13, 4, 20, 7]
@@ -82,3 +82,63 @@ def test_mimo_boundary_simulated():
     dst = llm.select(positions)
     for r in dst.ranks:
         assert torch.equal(out[r], dst.shard(x, r))
+
+
+def brute_force_sbh(s, batch, tp, cp, dp, pp, pp_rank, offset, sp, order):
+    """{rank: rows} of an [s, b, h] tensor (row s * B + b): Megatron's get_batch_on_this_cp_rank
+    zigzag over s, the sequence-parallel scatter of the local s, DP's slice of the batch."""
+    degree = {"tp": tp, "cp": cp, "ep": 1, "dp": dp, "pp": pp}
+    out = {}
+    for index in range(tp * cp * dp * pp):
+        coord, rest = {}, index
+        for d in order.split("-"):
+            coord[d], rest = rest % degree[d], rest // degree[d]
+        if coord["pp"] != pp_rank:
+            continue
+        chunks = _tensor_split(list(range(s)), 2 * cp)
+        s_rows = chunks[coord["cp"]] + chunks[2 * cp - 1 - coord["cp"]]
+        if sp:
+            s_rows = _tensor_split(s_rows, tp)[coord["tp"]]
+        b_rows = _tensor_split(list(range(batch)), dp)[coord["dp"]]
+        out[offset + index] = [int(i) * batch + int(b) for i in s_rows for b in b_rows]
+    return out
+
+
+@pytest.mark.parametrize("s,batch,tp,cp,dp,pp,pp_rank,offset,sp,order", [
+    (16, 4, 2, 2, 2, 1, 0, 0, True, "tp-cp-ep-dp-pp"),
+    (13, 3, 2, 2, 2, 1, 0, 4, False, "tp-cp-ep-dp-pp"),
+    (12, 6, 2, 1, 3, 2, 1, 8, True, "tp-cp-ep-dp-pp"),
+    (20, 2, 1, 2, 2, 1, 0, 0, True, "tp-dp-cp-pp"),
+])
+def test_sbh_layout_matches_brute_force(s, batch, tp, cp, dp, pp, pp_rank, offset, sp, order):
+    layout = megatron_layout(s, tp=tp, cp=cp, dp=dp, pp=pp, pp_rank=pp_rank, rank_offset=offset,
+                             sequence_parallel=sp, order=order, batch=batch)
+    want = brute_force_sbh(s, batch, tp, cp, dp, pp, pp_rank, offset, sp, order)
+    assert sorted(layout.ranks) == sorted(want) and layout.num_rows == s * batch
+    for rank, rows in want.items():
+        assert layout.rows(rank).tolist() == rows, f"rank {rank}"
+
+
+def test_sbh_boundary_simulated():
+    """An encoder's [s, b, h] output under dp=4 moved to an LLM's cp=2 x tp=2 [s, b, h] layout,
+    and each rank's local tensor is its [s_local, b_local, h] slice."""
+    s, batch, h = 12, 4, 3
+    encoder = Layout.seq_first(Layout.replicated([0], s), Layout.contiguous(range(4), batch))
+    llm = megatron_layout(s, tp=2, cp=2, batch=batch)
+    x = torch.randn(s, batch, h)
+    flat = x.reshape(s * batch, h)
+    out = Transform(encoder, llm).simulate({r: encoder.shard(flat, r) for r in range(4)})
+    chunks = torch.tensor_split(torch.arange(s), 4)
+    for c in range(2):
+        local_s = torch.cat([chunks[c], chunks[3 - c]])
+        for t, part in enumerate(torch.tensor_split(local_s, 2)):
+            assert torch.equal(out[2 * c + t].view(len(part), batch, h), x[part])
+
+
+def test_sbh_bad_arguments():
+    with pytest.raises(TypeError, match="an int"):
+        megatron_layout([4, 4], batch=2)
+    with pytest.raises(TypeError, match="needs batch"):
+        megatron_layout(4)
+    with pytest.raises(ValueError, match="batch must be"):
+        megatron_layout(4, batch=-1)

@@ -1,5 +1,6 @@
 """Plan properties against brute force: every rank's plan built and inspected."""
 
+
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -15,7 +15,7 @@ from hpcomm import Layout, Transform, backends
 from hpcomm.comm import TransformError
 from hpcomm.tools.launch import RemoteError, World
 from hpcomm.plan import Plan
-from strategies import dest_layouts, shard_all, source_layouts
+from strategies import dest_layouts, source_layouts
 
 LENS = [17, 30, 8, 25]
 N = sum(LENS)
