@@ -116,3 +116,31 @@ def test_each_rank_reads_only_its_own_samples(world, name):
     everything = sorted(i for rank_reads in reads for i in rank_reads)
     assert everything == list(range(cfg.steps * cfg.batch_size))
     assert results[0][1] == results[3][1]  # and the steps trained on the global batch
+
+
+def run_counting_backward(rank, world_size, cfg):
+    """How many backward passes this rank starts."""
+    import torch
+
+    original, calls = torch.autograd.backward, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    torch.autograd.backward = counted
+    try:
+        train(cfg, rank, world_size, progress=False)
+    finally:
+        torch.autograd.backward = original
+    return len(calls)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_frozen_encoder_ranks_skip_backward(world, frozen):
+    """Non-colocated encoder ranks (0, 1) run no backward at all when the encoder is frozen."""
+    cfg = config("noncoloc enc dp=2 -> llm pp=2", steps=2)
+    cfg = TrainConfig(**{**vars(cfg), "freeze_encoder": frozen})
+    calls = world(4).run(run_counting_backward, cfg, timeout=600)
+    assert (calls[0] == calls[1] == 0) == frozen
+    assert calls[2] > 0 and calls[3] > 0
