@@ -12,7 +12,7 @@ from typing import Any
 from hpcomm.comm import TransformError
 from hpcomm.layout import Layout
 from hpcomm.megatron import megatron_layout, megatron_ranks
-from hpcomm.metadata import padded_cp, seq_metadata
+from hpcomm.metadata import gather_lengths, padded_cp, seq_metadata
 from hpcomm.plan import Plan, get_plan
 from hpcomm.segments import backends
 from hpcomm.transform import Transform
@@ -29,7 +29,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'hpcomm' has no attribute {name!r}")
 
 
-__all__ = ["Layout", "Plan", "Transform", "TransformError", "backends", "get_plan",
+__all__ = ["Layout", "Plan", "Transform", "TransformError", "backends", "gather_lengths", "get_plan",
            "layout_from_placements", "megatron_layout", "megatron_ranks", "padded_cp",
            "placements_from_layout", "redistribute", "seq_metadata"]
 __version__ = "0.1.0"

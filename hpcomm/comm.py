@@ -21,6 +21,9 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed all_gather_into_tensor; older releases (hpcomm accepts >= 2.4) have only that
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 HEADER_TAG = 0x6870  # headers and payloads never match each other's receives
 PAYLOAD_TAG = 0x6871
 
@@ -97,6 +100,7 @@ class P2P:
     def __init__(self, group: dist.ProcessGroup | None, timeout: float | None) -> None:
         self.group = group
         self.timeout = default_timeout(group) if timeout is None else timeout
+        self._host_ok: bool | None = None
 
     def deadline(self) -> Deadline:
         return Deadline(self.timeout)
@@ -119,12 +123,23 @@ class P2P:
                         on_device) for w, op in zip(works, ops)]
         return pend[:len(sends)], pend[len(sends):]
 
-    def gather(self, row: torch.Tensor, what: str, deadline: Deadline) -> dict[int, list[int]]:
-        """Every member's ``row`` (int64 [n], on the host) on every member: {global rank: row}."""
+    def host_ok(self) -> bool:
+        """Whether the group moves host tensors (gloo, or "cpu:gloo,cuda:nccl"): then headers stay
+        on the host; an NCCL-only group needs them on the device (one sync per call to read)."""
+        if self._host_ok is None:
+            backend = str(dist.get_backend(self.group))
+            self._host_ok = "gloo" in backend or "cpu" in backend
+        return self._host_ok
+
+    def gather(self, row: torch.Tensor, what: str, deadline: Deadline,
+               device: torch.device) -> dict[int, list[int]]:
+        """Every member's ``row`` (int64 [n]) on every member: {global rank: row}. ``device``: the
+        data's, used when the group cannot move host tensors."""
         members = dist.get_process_group_ranks(self.group or dist.group.WORLD)  # type: ignore[arg-type]
-        table = torch.empty(len(members) * row.numel(), dtype=torch.int64)
+        on = torch.device("cpu") if self.host_ok() else device
+        table = torch.empty(len(members) * row.numel(), dtype=torch.int64, device=on)
         try:
-            work = dist.all_gather_into_tensor(table, row, group=self.group, async_op=True)
+            work = _all_gather(table, row.to(on), group=self.group, async_op=True)
             work.wait(timedelta(seconds=deadline.left()))  # type: ignore[union-attr]
         except RuntimeError as e:
             timed_out = "imed out" in str(e) or "imeout" in str(e)

@@ -171,9 +171,9 @@ def _same_shards(a: Layout, b: Layout) -> bool:
 
 @lru_cache(maxsize=256)
 def _transform(src: Layout, dst: Layout) -> Transform:
-    # "mean": the gradients of a Replicate destination are identical copies (from_local's backward
-    # makes them so), not parts to add up, as in DTensor's own redistribute
-    return Transform(src, dst, grad="mean")
+    # the default "replicated": the gradients of a Replicate destination are identical copies
+    # (DTensor's convention), so one copy is read per row, as in DTensor's own redistribute
+    return Transform(src, dst)
 
 
 def redistribute(dtensor: DTensor, device_mesh: DeviceMesh,

@@ -521,7 +521,8 @@ class Engine:
         deadline = transport.deadline()
         if self._spans_group():
             mine = validate.header(spec.fingerprint, backward, seq, x, trailing, failed=failed)
-            rows = transport.gather(torch.tensor(mine, dtype=torch.int64), what + " (header)", deadline)
+            device = x.device if x is not None else torch.device("cpu")
+            rows = transport.gather(torch.tensor(mine, dtype=torch.int64), what + " (header)", deadline, device)
             problems = validate.odd_ones(rows)
             if problems and not failed:
                 raise ValueError(f"rank {rank}: {what} refused: " + "; ".join(problems))

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from hpcomm import Layout, Transform
+from hpcomm import comm
 from hpcomm.comm import HEADER_TAG, PAYLOAD_TAG
 from hpcomm.validate import HEADER_LEN
 
@@ -118,7 +119,7 @@ def count_bytes(rank, world_size, name):
     src, dst = case(name, world_size)
     x_global, _ = global_tensors(torch.float32)
     sent = {PAYLOAD_TAG: 0, HEADER_TAG: 0}
-    grouped, gather = dist.batch_isend_irecv, dist.all_gather_into_tensor
+    grouped, gather = dist.batch_isend_irecv, comm._all_gather
 
     def counting_grouped(ops):
         for op in ops:
@@ -130,11 +131,11 @@ def count_bytes(rank, world_size, name):
         sent[HEADER_TAG] += input.numel() * input.element_size()
         return gather(output, input, **kwargs)
 
-    dist.batch_isend_irecv, dist.all_gather_into_tensor = counting_grouped, counting_gather
+    dist.batch_isend_irecv, comm._all_gather = counting_grouped, counting_gather
     try:
         y = Transform(src, dst)(_local(src, x_global, rank))
     finally:
-        dist.batch_isend_irecv, dist.all_gather_into_tensor = grouped, gather
+        dist.batch_isend_irecv, comm._all_gather = grouped, gather
     return sent[PAYLOAD_TAG], sent[HEADER_TAG], torch.equal(y, _local(dst, x_global, rank))
 
 

@@ -135,3 +135,21 @@ def test_validation_checks_replicas_agree_under_replicated(world):
     assert world(2).run(replicas_disagree, True) == [True, True]
     for message in world(2).run(replicas_disagree, False):
         assert "gradients differ under grad='replicated'" in message and "grad='sum'" in message, message
+
+
+def frozen_colocated(rank, world_size):
+    lens = [9, 4, 7, 12]
+    encoder, llm = Layout.dp(range(2), lens), Layout.cp(range(2), lens, "zigzag")
+    vision = torch.nn.Linear(3, 3).requires_grad_(False)  # the frozen encoder
+    t = Transform(encoder, llm, grad=None)
+    pixels = torch.randn(encoder.local_num_rows(rank), 3, generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        features = vision(pixels)
+    w = torch.ones(3, requires_grad=True)  # the LLM's own parameter
+    y = t(features)
+    (y * w).sum().backward()  # the LLM's backward; no transform backward runs on any rank
+    return y.requires_grad, w.grad is not None and bool((w.grad == y.sum(0)).all())
+
+
+def test_frozen_encoder_colocated(world):
+    assert world(2).run(frozen_colocated) == [(False, True)] * 2

@@ -95,3 +95,25 @@ def test_layouts_larger_than_the_world():
         for elapsed, message in world.run(too_few_processes, timeout=60):
             assert message.startswith("ValueError") and "only 2 ranks" in message, message
             assert elapsed < 1.0, elapsed
+
+
+def subset_misuse(rank, world_size, case):
+    """A transform over ranks 0-1 of a 4-rank world: peers swap headers pairwise."""
+    if rank > 1:
+        return 0.0, "not in the transform"
+    src, dst = Layout.cp([0, 1], LENS, "zigzag"), Layout.cp([0, 1], LENS, "contiguous")
+    t = Transform(src, dst, timeout=TIMEOUT)
+    dtype = torch.float64 if case == "dtype_size" and rank == 0 else torch.float32
+    x = src.shard(torch.randn(N, 4), rank).to(dtype)
+    if case == "stale_lengths" and rank == 1:
+        t = Transform(Layout.cp([0, 1], LENS[:-1] + [LENS[-1] + 2], "zigzag"),
+                      Layout.cp([0, 1], LENS[:-1] + [LENS[-1] + 2], "contiguous"), timeout=TIMEOUT)
+        x = t.src.shard(torch.randn(N + 2, 4), rank)
+    return attempt(lambda: t(x))
+
+
+@pytest.mark.parametrize("case,named", [("dtype_size", "torch.float64"), ("stale_lengths", "different layouts")])
+def test_pairwise_headers_when_the_transform_is_a_subset_of_its_group(world, case, named):
+    for rank, (elapsed, message) in enumerate(world(4).run(subset_misuse, case, timeout=120)[:2]):
+        assert message.startswith("ValueError") and named in message, (rank, message)
+        assert elapsed < TIMEOUT + SLACK, (rank, elapsed)
