@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcomm import Layout, Transform
-from hpcomm.metadata import gather_lengths
+from hpcomm import gather_lengths
 
 from .data import (EOS, IGNORE, IMG, Batch, ManifestDataset, Sample, SyntheticDataset, decode,
                    pack, patchify, prompt, rank_share, step_indices)
