@@ -244,34 +244,10 @@ def _transposed(plan: RankPlan) -> RankPlan:
     return plan.transpose()
 
 
-def _holder_counts(plan: Plan, rank: int) -> np.ndarray:
-    """[local rows, local cols] (cols = 1 without column splits): how many destination ranks hold
-    each element of ``rank``'s destination shard."""
-    dst = plan.dst
-    if rank not in dst.ranks:
-        return np.zeros((0, plan.width(dst, rank)))
-    index = dst.holder_index
-    starts, lengths = dst.runs(rank)
-    c0, c1 = plan.cols_of(dst, dst.index(rank))
-    local_off = np.cumsum(lengths) - lengths
-    ridx, ps, pe, bins = index.split(starts, starts + lengths)
-    counts = np.zeros((int(lengths.sum()), c1 - c0))
-    col = np.arange(c0, c1)
-    for b in np.unique(bins).tolist():
-        per_col = np.zeros(c1 - c0)
-        for h in index.holders_of(b):
-            h0, h1 = plan.cols_of(dst, h)
-            per_col += (col >= h0) & (col < h1)
-        for p in np.flatnonzero(bins == b).tolist():
-            first = local_off[ridx[p]] + ps[p] - starts[ridx[p]]
-            counts[first:first + pe[p] - ps[p]] = per_col
-    return counts
-
-
 def _mean_scale(spec: Spec, rank: int, grad: torch.Tensor) -> torch.Tensor:
     """1 / (number of destination ranks holding each element), broadcastable against ``grad``."""
     def make() -> torch.Tensor:
-        counts = _holder_counts(spec.plan, rank)
+        counts = spec.plan.holder_counts(rank)
         scale = torch.from_numpy(1.0 / np.maximum(counts, 1)).to(grad.dtype).to(grad.device)
         if spec.plan.col_mode:
             return scale.view(scale.shape[0], *([1] * (grad.dim() - 2)), scale.shape[1])

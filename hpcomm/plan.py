@@ -226,6 +226,29 @@ class Plan:
             return "all_gather"
         return None
 
+    def holder_counts(self, rank: int) -> np.ndarray:
+        """[local rows, local cols] (cols = 1 without column splits): how many destination ranks hold
+        each element of ``rank``'s destination shard."""
+        dst = self.dst
+        if rank not in dst.ranks:
+            return np.zeros((0, self.width(dst, rank)))
+        index = dst.holder_index
+        starts, lengths = dst.runs(rank)
+        c0, c1 = self.cols_of(dst, dst.index(rank))
+        local_off = np.cumsum(lengths) - lengths
+        ridx, ps, pe, bins = index.split(starts, starts + lengths)
+        counts = np.zeros((int(lengths.sum()), c1 - c0))
+        col = np.arange(c0, c1)
+        for b in np.unique(bins).tolist():
+            per_col = np.zeros(c1 - c0)
+            for h in index.holders_of(b):
+                h0, h1 = self.cols_of(dst, h)
+                per_col += (col >= h0) & (col < h1)
+            for p in np.flatnonzero(bins == b).tolist():
+                first = local_off[ridx[p]] + ps[p] - starts[ridx[p]]
+                counts[first:first + pe[p] - ps[p]] = per_col
+        return counts
+
     def crosses_wire(self) -> bool:
         """Whether some rank sends something to another rank (False: every rank at most copies
         locally, so no transport is needed). Pure data: every rank reaches the same answer without
