@@ -65,9 +65,10 @@ def module_step(m: ModuleSpec, model: ModelSpec, dims: ModuleDims, work: RankWor
     flops = module_flops(m, work.rows, work.pairs, layers) / dims.tp
     rate = cluster.flops * cluster.efficiency
     passes = 1 if m.frozen else 2  # forward, and backward with the transposed collectives
+    planned = (2 if dims.tp > 1 else 0) + (1 if dims.cp > 1 else 0)  # SP pair, CP gather
     out = {"compute": flops / rate,
            "overhead": layers * cluster.block_overhead * (0.5 if m.frozen else 1.0)
-           + cluster.microbatch_overhead}
+           + cluster.microbatch_overhead + planned * cluster.plan_overhead}
     ab = model.act_bytes
     # TP with sequence parallelism: all-gather before and reduce-scatter after attention and MLP
     tp_bytes = work.rows * m.hidden * ab
@@ -104,14 +105,15 @@ def boundary_time(candidate: Candidate, model: ModelSpec, cluster: ClusterSpec,
                   samples: tuple[Sample, ...]) -> tuple[float, int]:
     """(seconds, bytes of the busiest rank) of one micro-batch's boundary, forward and (unless the
     encoder is frozen) backward. Inside one node the link is NVLink; across nodes the network."""
+    if candidate.world_size == 1:
+        return 0.0, 0
     st = boundary_stats(candidate, samples)
     row_bytes = model.llm.hidden * model.act_bytes
     nbytes = max(st.sent, st.received) * row_bytes
     lk = link(cluster, candidate.world_size)
-    one = (cluster.collective_overhead + st.peers * lk.latency + nbytes / lk.bandwidth
-           if st.peers else 0.0)
+    one = cluster.collective_overhead + st.peers * lk.latency + nbytes / lk.bandwidth
     passes = 1 if model.encoder.frozen else 2
-    return passes * one, passes * nbytes
+    return cluster.plan_overhead + passes * one, passes * nbytes
 
 
 def activation_bytes(m: ModuleSpec, model: ModelSpec, dims: ModuleDims, work: RankWork) -> float:

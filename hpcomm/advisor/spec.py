@@ -26,6 +26,7 @@ class ModuleSpec:
     vocab: int = 0
     in_features: int = 0
     out_features: int = 0
+    embedding_rows: int = 0    # learned position (or row/column) table rows, hidden wide each
     frozen: bool = False
 
     @property
@@ -44,6 +45,7 @@ class ModuleSpec:
             extra += d * o + o + o * o + o
         if self.vocab:
             extra += 2 * self.vocab * d  # input embedding + untied head
+        extra += self.embedding_rows * d
         return self.layers * self.block_params() + extra + 2 * d
 
 
@@ -61,7 +63,6 @@ class ModelSpec:
     optimizer_bytes: int = 12   # fp32 master weights + Adam m and v
     distributed_optimizer: bool = True  # optimizer state sharded over the DP x CP ranks (ZeRO-1)
     dense_packed_attention: bool = False
-    max_seq_len: int = 0        # learned position table rows (0: rotary, no table)
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,8 @@ class ClusterSpec:
     the fraction of it a large GEMM-bound layer reaches. Bandwidths are bytes/s per GPU in one
     direction, latencies seconds per message. The overheads are the fixed software costs a real
     step pays beyond FLOPs and bytes: per transformer block and micro-batch (forward + backward
-    kernel launches), per collective call, per micro-batch and module (planning), per step (data,
-    optimizer)."""
+    kernel launches), per collective call, per micro-batch and module, per transform planned per
+    micro-batch (layouts change every step), per step (data, optimizer)."""
 
     name: str
     gpus: int
@@ -157,6 +158,7 @@ class ClusterSpec:
     collective_overhead: float = 0.0
     microbatch_overhead: float = 0.0
     step_overhead: float = 0.0
+    plan_overhead: float = 0.0  # host planning of one boundary/SP/CP transform per micro-batch
     cp_overlap: bool = False    # CP traffic hides behind attention (Megatron's ring attention)
     source: str = ""
 
