@@ -156,6 +156,27 @@ def model_flops(model: ModelSpec, data: DataSpec) -> float:
             + module_flops(llm, sum(lens), attention_pairs(lens, llm.causal), llm.layers))
 
 
+def _noncolocated_pipe(e: np.ndarray, l_: np.ndarray, pp: int) -> float:
+    """Encoder one micro-batch ahead of the LLM: after the first encoder micro-batch and until the
+    last LLM one, the slower side sets the pace; a pipelined LLM adds its fill and drain."""
+    return (float(e[0] + l_[-1]) + float(np.maximum(e[1:], l_[:-1]).sum())
+            + (pp - 1) * float(l_.max()))
+
+
+def _shared_cores(e: np.ndarray, l_: np.ndarray, pp: int, pipe: float, candidate: Candidate,
+                  cluster: ClusterSpec) -> float:
+    """Ranks sharing CPU cores: calibration timed every rank busy, but a non-colocated rank
+    waiting for the other module frees its core, so the busy ones run faster. With B runnable
+    processes of others, a busy rank gets cores / (busy + B) of a core (at most one), so the speed
+    over calibration is max(ranks + B, cores) / max(busy + B, cores); a fixed point, iterated."""
+    ranks, speed, bg = candidate.world_size, 1.0, cluster.background_load
+    for _ in range(4):
+        busy = (candidate.encoder.size * e.sum() + candidate.llm.size * l_.sum()) / speed / pipe
+        speed = max(ranks + bg, cluster.cores) / max(float(busy) + bg, cluster.cores)
+        pipe = _noncolocated_pipe(e / speed, l_ / speed, pp)
+    return pipe
+
+
 @dataclass(frozen=True)
 class Profile:
     """One module under one set of degrees: seconds of each micro-batch on the busiest rank, the
@@ -211,9 +232,9 @@ def predict(candidate: Candidate, model: ModelSpec, data: DataSpec, cluster: Clu
     if candidate.placement == "noncolocated":
         # the encoder runs one micro-batch ahead: after the first encoder micro-batch and until
         # the last LLM one, the slower side sets the pace
-        e_b, l_b = e + b, l_ + b
-        pipe = (float(e_b[0] + l_b[-1]) + float(np.maximum(e_b[1:], l_b[:-1]).sum())
-                + (pp - 1) * float(l_b.max()))
+        pipe = _noncolocated_pipe(e + b, l_ + b, pp)
+        if cluster.cores:
+            pipe = _shared_cores(e + b, l_ + b, pp, pipe, candidate, cluster)
         grads = max(enc_grad, llm_grad)
         memory = max(state_bytes(model.encoder, model, enc_dims) + min(2, m) * enc.activation,
                      state_bytes(model.llm, model, llm_dims) + in_flight * llm.activation)

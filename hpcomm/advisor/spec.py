@@ -160,6 +160,8 @@ class ClusterSpec:
     step_overhead: float = 0.0
     plan_overhead: float = 0.0  # host planning of one boundary/SP/CP transform per micro-batch
     cp_overlap: bool = False    # CP traffic hides behind attention (Megatron's ring attention)
+    cores: int = 0              # >0: the ranks share this many CPU cores (a calibrated CPU box)
+    background_load: float = 0.0  # runnable processes of others on those cores (load average)
     source: str = ""
 
     def with_gpus(self, gpus: int) -> ClusterSpec:
