@@ -64,6 +64,9 @@ def module_step(m: ModuleSpec, model: ModelSpec, dims: ModuleDims, work: RankWor
     layers = -(-m.layers // dims.pp)
     flops = module_flops(m, work.rows, work.pairs, layers) / dims.tp
     rate = cluster.flops * cluster.efficiency
+    if cluster.gemm_half_size:  # narrow GEMMs (TP-split widths, CP-split rows) fill few tiles
+        smallest = min(work.rows, m.hidden / dims.tp)
+        rate *= smallest / (smallest + cluster.gemm_half_size)
     passes = 1 if m.frozen else 2  # forward, and backward with the transposed collectives
     planned = (2 if dims.tp > 1 else 0) + (1 if dims.cp > 1 else 0)  # SP pair, CP gather
     out = {"compute": flops / rate,

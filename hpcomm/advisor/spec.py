@@ -154,6 +154,7 @@ class ClusterSpec:
     inter_bw: float
     inter_latency: float
     efficiency: float = 1.0
+    gemm_half_size: float = 0.0  # a GEMM whose smallest per-rank dim is this runs at half speed
     block_overhead: float = 0.0
     collective_overhead: float = 0.0
     microbatch_overhead: float = 0.0
@@ -184,7 +185,8 @@ class ClusterSpec:
 # H200 SXM the same compute with 141 GB HBM3e; NVLink 4 900 GB/s per GPU (450 GB/s each way);
 # one ConnectX-7 400 Gb/s (50 GB/s) NIC per GPU. Latencies and efficiency are stated assumptions.
 _NVLINK_NODE = dict(gpus_per_node=8, flops=989.4e12, intra_bw=450e9, intra_latency=5e-6,
-                    inter_bw=50e9, inter_latency=10e-6, efficiency=0.5, block_overhead=50e-6,
+                    inter_bw=50e9, inter_latency=10e-6, efficiency=0.5, gemm_half_size=128.0,
+                    block_overhead=50e-6,
                     collective_overhead=10e-6, cp_overlap=True)
 PRESETS: dict[str, ClusterSpec] = {
     "h100": ClusterSpec(name="h100", gpus=8, memory=80e9, source="DGX H100 datasheet; NVIDIA "
