@@ -244,3 +244,25 @@ def test_cli_table_and_json(capsys):
     result = json.loads(capsys.readouterr().out)
     assert len(result["predictions"]) == 2 and result["gain_percent"] >= 0
     assert main(["--context", "100", "--images-per-sample", "1"]) == 2
+
+
+@pytest.mark.parametrize("cand", BOUNDARY_CASES, ids=lambda c: " ".join(c.label().split()))
+def test_grid_owners_closed_form_matches_layouts(cand):
+    from hpcomm.advisor.boundary import candidate_owners, owners
+
+    src, dst = boundary_layouts(cand, SAMPLES)
+    s, d = candidate_owners(cand, SAMPLES)
+    assert s.tolist() == owners(src).tolist() and d.tolist() == owners(dst).tolist()
+
+
+@pytest.mark.parametrize("dp,cp,tp,zigzag", [(3, 2, 3, True), (2, 3, 2, True), (1, 4, 1, False),
+                                             (5, 1, 2, False)])
+def test_grid_owners_random_lengths(dp, cp, tp, zigzag):
+    from hpcomm.advisor.boundary import grid_owners, owners
+
+    lens = np.random.default_rng(dp * 100 + cp * 10 + tp).integers(0, 40, 11).tolist()
+    ranks = np.random.default_rng(1).permutation(dp * cp * tp).tolist()
+    layout = Layout.grid(lens, dp=dp, cp=cp, tp=tp, cp_mode="zigzag" if zigzag else "contiguous",
+                         ranks=ranks)
+    got = grid_owners(lens, ModuleDims(dp=dp, cp=cp, tp=tp), ranks, zigzag)
+    assert got.tolist() == owners(layout).tolist()

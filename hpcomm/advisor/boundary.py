@@ -9,22 +9,25 @@ Two exact ways to count what the busiest rank sends and receives:
 - ``owners`` (larger worlds): both layouts are partitions (every row has one holder: DP, CP and
   sequence-parallel TP never replicate), so the plan's rule (a row the destination already holds
   is copied locally, any other row is sent once by its only holder) reduces to counting, per rank,
-  rows it holds in src but not in dst (sent) and in dst but not in src (received). The tests check
-  both against each other and against a brute-force count; the busiest rank's numbers are
-  additionally read from its own ``rank_plan``.
+  rows it holds in src but not in dst (sent) and in dst but not in src (received). Each row's
+  holder comes from ``grid_owners``, the grid's closed form in O(rows) numpy (building every rank's
+  runs, or the plan's holder index, costs seconds at 1,024 ranks). The tests check plan, owner
+  counting, the closed form and a brute-force count against each other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 
-from hpcomm.layout import Layout, expand_runs
+from hpcomm.layout import Layout, expand_runs, split_points
 from hpcomm.megatron import megatron_layout, megatron_ranks
 from hpcomm.plan import get_plan
 
+from .flops import cp_rank_rows
 from .spec import Candidate, ModuleDims, Sample
 
 PLAN_WORLD = 64
@@ -105,9 +108,71 @@ def owners(layout: Layout) -> np.ndarray:
     return out
 
 
-def owner_stats(src: Layout, dst: Layout) -> BoundaryStats:
+def grid_owners(seq_lens: Sequence[int], dims: ModuleDims, ranks: Sequence[int], zigzag: bool,
+                rows: np.ndarray | None = None) -> np.ndarray:
+    """[rows] the holder of each of ``rows`` (default: every row) of ``Layout.grid(seq_lens, dp,
+    cp, tp, tp_mode="sp", order="tp-cp-dp", ranks=ranks)``, in numpy work proportional to the rows
+    asked for, instead of one runs() call per rank (the tests check it against ``owners``)."""
+    lens = np.asarray(seq_lens, np.int64)
+    k = dims.cp
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    rows = np.arange(offsets[-1]) if rows is None else np.asarray(rows, np.int64)
+    seq = np.searchsorted(offsets, rows, "right") - 1
+    pos = rows - offsets[seq]
+    parts = 2 * k if zigzag else k
+    q, r = lens // parts, lens % parts
+    qs, rs = q[seq], r[seq]
+    big = rs * (qs + 1)  # the first r chunks have q + 1 rows
+    chunk = np.where(pos < big, pos // (qs + 1), rs + (pos - big) // np.maximum(qs, 1))
+    chunk_start = chunk * qs + np.minimum(chunk, rs)
+    c = np.minimum(chunk, parts - 1 - chunk) if zigzag else chunk
+    # local index on CP rank c: rows c holds of earlier sequences, then chunk c before chunk
+    # parts-1-c within this sequence
+    per_seq = cp_rank_rows(lens, k, zigzag)  # [cp, sequences]
+    first = q[None, :] + (np.arange(k)[:, None] < r[None, :])  # size of chunk c of each sequence
+    seq_group = np.repeat(np.arange(dims.dp), np.diff(split_points(len(lens), dims.dp)))
+    group_start = split_points(len(lens), dims.dp)[:-1]
+    before = np.cumsum(per_seq, 1) - per_seq  # rows of earlier sequences, all groups
+    before = before - before[:, group_start[seq_group]]  # ... of earlier sequences of the group
+    second = chunk != c
+    flat = c * len(lens) + seq  # index into [cp, sequences] tables, flattened
+    local = before.ravel()[flat] + pos - chunk_start + np.where(second, first.ravel()[flat], 0)
+    held = np.stack([np.bincount(seq_group, w, dims.dp) for w in per_seq]).astype(np.int64)
+    group = seq_group[seq]
+    t = _sp_part(local, held.ravel()[c * dims.dp + group], dims.tp)
+    return np.asarray(ranks, np.int64)[(group * k + c) * dims.tp + t]
+
+
+def _sp_part(local: np.ndarray, held: np.ndarray, tp: int) -> np.ndarray:
+    """Part of each local row when ``held`` rows are tensor_split into tp parts."""
+    q, r = held // tp, held % tp
+    big = r * (q + 1)
+    return np.where(local < big, local // (q + 1), r + (local - big) // np.maximum(q, 1))
+
+
+def candidate_owners(candidate: Candidate, samples: tuple[Sample, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """[image rows] holders of every boundary row in the source and the destination."""
+    llm, enc = candidate.llm, candidate.encoder
+    enc_ranks = (tuple(range(enc.size)) if candidate.placement == "noncolocated"
+                 else tuple(megatron_ranks(llm.tp, llm.cp, llm.dp, llm.pp)))
+    llm_ranks = tuple(megatron_ranks(llm.tp, llm.cp, llm.dp, llm.pp,
+                                     rank_offset=candidate.llm_rank_offset()))
+    return _owners_cached(samples, enc, enc_ranks, "encoder"), _owners_cached(samples, llm, llm_ranks, "llm")
+
+
+@lru_cache(maxsize=64)
+def _owners_cached(samples: tuple[Sample, ...], dims: ModuleDims, ranks: tuple[int, ...],
+                   which: str) -> np.ndarray:
+    """Candidates of one search share module layouts: each is resolved once."""
+    if which == "encoder":
+        return grid_owners([n for s in samples for n in s.image_tokens], dims, ranks, zigzag=False)
+    return grid_owners([s.seq_len for s in samples], dims, ranks, zigzag=True, rows=image_rows(samples))
+
+
+def owner_stats(src: Layout | np.ndarray, dst: Layout | np.ndarray) -> BoundaryStats:
     """Exact for partitions (see the module docstring), in O(rows) numpy work."""
-    s, d = owners(src), owners(dst)
+    s = owners(src) if isinstance(src, Layout) else src
+    d = owners(dst) if isinstance(dst, Layout) else dst
     size = int(max(s.max(initial=0), d.max(initial=0))) + 1
     moved = s != d
     sent = np.bincount(s[moved], minlength=size)
@@ -126,13 +191,9 @@ def owner_stats(src: Layout, dst: Layout) -> BoundaryStats:
 def boundary_stats(candidate: Candidate, samples: tuple[Sample, ...]) -> BoundaryStats:
     """The boundary of one micro-batch, by plan in small worlds and by owner counting in large
     ones (where the busiest rank's figures come from its own rank_plan)."""
-    src, dst = boundary_layouts(candidate, samples)
     if candidate.world_size <= PLAN_WORLD:
-        return plan_stats(src, dst)
-    stats = owner_stats(src, dst)
-    st = get_plan(src, dst).rank_plan(stats.busiest_rank).stats()
-    return BoundaryStats(st["sent"], st["received"], max(st["messages_out"], st["messages_in"]),
-                         stats.total, stats.busiest_rank)
+        return plan_stats(*boundary_layouts(candidate, samples))
+    return owner_stats(*candidate_owners(candidate, samples))
 
 
 def homogeneous_encoder(llm: ModuleDims) -> ModuleDims:

@@ -52,6 +52,15 @@ def micro_batches(data: DataSpec, m: int) -> list[tuple[Sample, ...]]:
     return [data.samples[b[i]:b[i + 1]] for i in range(m)]
 
 
+@lru_cache(maxsize=256)
+def micro_batch_lens(data: DataSpec, m: int, which: str) -> tuple[tuple[int, ...], ...]:
+    """Per micro-batch, the module's sequence lengths: images for the encoder, samples for the
+    LLM."""
+    if which == "encoder":
+        return tuple(tuple(n for s in mb for n in s.image_tokens) for mb in micro_batches(data, m))
+    return tuple(tuple(s.seq_len for s in mb) for mb in micro_batches(data, m))
+
+
 def module_work(m: ModuleSpec, model: ModelSpec, dims: ModuleDims, lens: Sequence[int],
                 zigzag: bool) -> RankWork:
     return rank_work(m, lens, dims, model.dense_packed_attention, zigzag)
@@ -199,9 +208,7 @@ def module_profile(which: str, model: ModelSpec, data: DataSpec, cluster: Cluste
     times, activation = [], 0.0
     parts: dict[str, float] = {}
     seen: dict[tuple[int, ...], tuple[RankWork, dict[str, float]]] = {}
-    for mb in micro_batches(data, m):
-        lens = tuple(n for s in mb for n in s.image_tokens) if which == "encoder" else tuple(
-            s.seq_len for s in mb)
+    for lens in micro_batch_lens(data, m, which):
         if lens not in seen:  # micro-batches of equal shape cost the same
             work = module_work(spec, model, dims, lens, zigzag=which == "llm")
             seen[lens] = (work, module_step(spec, model, dims, work, cluster))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -88,7 +89,7 @@ class DataSpec:
 
     samples: tuple[Sample, ...]
 
-    @property
+    @cached_property
     def tokens(self) -> int:
         return sum(s.seq_len for s in self.samples)
 
