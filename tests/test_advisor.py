@@ -57,8 +57,8 @@ def test_reference_flops_match_flop_counter():
     data = reference_data(cfg)
     images = [n for s in data.samples for n in s.image_tokens]
     lens = [s.seq_len for s in data.samples]
-    enc = rank_work(model.encoder, images, ModuleDims(), dense=True, zigzag=False)
-    llm = rank_work(model.llm, lens, ModuleDims(), dense=True, zigzag=True)
+    enc = rank_work(model.encoder, images, ModuleDims(), attention="packed", zigzag=False)
+    llm = rank_work(model.llm, lens, ModuleDims(), attention="packed", zigzag=True)
 
     def total(train):
         return (module_flops(model.encoder, enc.rows, enc.pairs, model.encoder.layers, train=train)
@@ -86,7 +86,7 @@ def test_cp_rank_rows_match_layout(cp, zigzag):
 
 def test_rank_work_busiest_group():
     lens = [10, 2, 3, 9]  # dp=2: groups [10, 2] and [3, 9]
-    w = rank_work(TINY.llm, lens, ModuleDims(dp=2, cp=2, tp=2), dense=False, zigzag=True)
+    w = rank_work(TINY.llm, lens, ModuleDims(dp=2, cp=2, tp=2), attention="varlen", zigzag=True)
     assert w.group_rows == 12
     # zigzag of 10 in 4 chunks: 3,3,2,2 -> ranks get 3+2=5 each; of 2: 1,1,0,0 -> 1 and 1
     assert w.rows == 6 and w.sp_rows == 3
@@ -156,7 +156,7 @@ def test_memory_hand_count():
     dims = ModuleDims(dp=2, cp=2, tp=2)
     assert state_bytes(m, spec, dims) == params / 2 * (2 + 4 + 12 / 4)
     assert state_bytes(m, replace(spec, distributed_optimizer=False), dims) == params / 2 * 18
-    work = rank_work(m, [16, 16, 16, 16], dims, dense=False, zigzag=True)
+    work = rank_work(m, [16, 16, 16, 16], dims, attention="varlen", zigzag=True)
     assert work.rows == 16  # a DP group of two 16-row samples, halved by CP
     per_row = 6 * 8 + 2 * 8 + 2 * 32  # norms, QKV, attention out, MLP hidden and activation
     kv = 32 * 2 * 8 / 2  # the gathered K and V of the CP group, this rank's heads

@@ -63,7 +63,7 @@ def micro_batch_lens(data: DataSpec, m: int, which: str) -> tuple[tuple[int, ...
 
 def module_work(m: ModuleSpec, model: ModelSpec, dims: ModuleDims, lens: Sequence[int],
                 zigzag: bool) -> RankWork:
-    return rank_work(m, lens, dims, model.dense_packed_attention, zigzag)
+    return rank_work(m, lens, dims, model.attention, zigzag)
 
 
 def module_step(m: ModuleSpec, model: ModelSpec, dims: ModuleDims, work: RankWork,
@@ -132,7 +132,7 @@ def activation_bytes(m: ModuleSpec, model: ModelSpec, dims: ModuleDims, work: Ra
     """Activations one micro-batch keeps for backward on one rank of one stage: per row and
     layer the norm inputs and outputs, Q, K, V, the attention output and the MLP hidden (split
     over TP by sequence parallelism or head/column sharding), plus the attention scores and
-    probabilities (dense) or the gathered K/V (CP), and the logits."""
+    probabilities (packed attention) or the gathered K/V (CP), and the logits."""
     if m.frozen:
         return 0.0
     d, kv = m.hidden, m.kv_dim
@@ -140,7 +140,7 @@ def activation_bytes(m: ModuleSpec, model: ModelSpec, dims: ModuleDims, work: Ra
     layers = -(-m.layers // dims.pp)
     rows = work.rows / dims.tp
     total = layers * rows * per_row * model.act_bytes
-    if model.dense_packed_attention:  # fp32 scores and probabilities per local head
+    if model.attention == "packed":  # fp32 scores and probabilities per local head
         total += layers * 2 * (m.heads / dims.tp) * work.rows * work.group_rows * 4
     if dims.cp > 1:
         total += layers * work.group_rows * 2 * kv / dims.tp * model.act_bytes

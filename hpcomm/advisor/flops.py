@@ -76,7 +76,7 @@ def cp_rank_rows(seq_lens: np.ndarray, cp: int, zigzag: bool) -> np.ndarray:
     return per
 
 
-def rank_work(m: ModuleSpec, seq_lens: Sequence[int], dims: ModuleDims, dense: bool,
+def rank_work(m: ModuleSpec, seq_lens: Sequence[int], dims: ModuleDims, attention: str,
               zigzag: bool) -> RankWork:
     """The busiest rank (most block FLOPs) of a dp x cp x tp grid of module ``m`` over
     ``seq_lens`` (DP: contiguous groups of whole sequences, as ``Layout.dp``)."""
@@ -89,10 +89,10 @@ def rank_work(m: ModuleSpec, seq_lens: Sequence[int], dims: ModuleDims, dense: b
     # [cp, groups] rows of each CP rank of each DP group; the busiest CP rank per group
     per_seq = cp_rank_rows(lens, dims.cp, zigzag)
     rows = np.stack([np.bincount(group, r, dims.dp) for r in per_seq]).max(0)
-    if dense:  # each CP rank's queries meet every key of its group
+    if attention == "packed":  # each CP rank's queries meet every key of its group
         pairs = rows * totals
     else:  # zigzag balances the causal triangle: each CP rank gets an equal share of the pairs
-        s_pairs = lens * (lens + 1) // 2 if m.causal else lens * lens
+        s_pairs = lens * (lens + 1) // 2 if m.causal and attention == "varlen" else lens * lens
         pairs = np.bincount(group, s_pairs, dims.dp) / dims.cp
     score = block_forward_flops(m, rows, pairs)  # type: ignore[arg-type]  # numpy broadcasts
     g = int(np.argmax(score))

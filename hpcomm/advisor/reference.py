@@ -21,7 +21,7 @@ def reference_model(cfg: Config | None = None) -> ModelSpec:
     llm = ModuleSpec(layers=cfg.llm_layers, hidden=cfg.llm_dim, heads=cfg.llm_heads,
                      ffn=4 * cfg.llm_dim, vocab=cfg.vocab_size, embedding_rows=cfg.max_seq_len)
     return ModelSpec(encoder, llm, act_bytes=4, param_bytes=4, grad_bytes=4, optimizer_bytes=8,
-                     distributed_optimizer=False, dense_packed_attention=True)
+                     distributed_optimizer=False, attention="packed")
 
 
 def reference_data(cfg: TrainConfig, step: int = 0) -> DataSpec:

@@ -52,9 +52,10 @@ class ModuleSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Encoder + LLM and how they are stored. ``dense_packed_attention``: attention computes every
-    (query, key) pair of the packed micro-batch and masks (the reference trainer); otherwise a
-    variable-length kernel computes only pairs within a sample (flash attention's varlen)."""
+    """Encoder + LLM and how they are stored. ``attention``: which (query, key) pairs the kernel
+    computes: "varlen" those a variable-length kernel needs (s^2 per image, s(s+1)/2 per causal
+    sample: flash attention), "square" every pair within a sample (a per-sample kernel that
+    masks the causal half), "packed" every pair of the packed micro-batch (a masked dense one)."""
 
     encoder: ModuleSpec
     llm: ModuleSpec
@@ -63,7 +64,7 @@ class ModelSpec:
     grad_bytes: int = 4         # Megatron's fp32 main gradients
     optimizer_bytes: int = 12   # fp32 master weights + Adam m and v
     distributed_optimizer: bool = True  # optimizer state sharded over the DP x CP ranks (ZeRO-1)
-    dense_packed_attention: bool = False
+    attention: str = "varlen"
 
 
 @dataclass(frozen=True)
