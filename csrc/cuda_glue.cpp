@@ -1,5 +1,7 @@
-// Torch-facing glue of the CUDA kernels: checks, stream, the launchers of csrc/kernels/api.cuh. Built
-// only with -DHPCOMM_WITH_CUDA (setup.py sets it when it compiles csrc/kernels/*.cu).
+// Torch-facing glue of the CUDA kernels: O(1) argument checks, device guard, stream, then the launcher
+// of csrc/kernels/api.cuh. The table and its chunk_ends were prepared once (hpcomm/segments.py, with
+// hpcomm::chunk_ends on the host) and moved to the device then. Built only with -DHPCOMM_WITH_CUDA
+// (setup.py sets it when it compiles csrc/kernels/*.cu).
 #ifdef HPCOMM_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -8,7 +10,6 @@
 
 #include "kernels/api.cuh"
 #include "segment_copy.h"
-#include "segment_index.h"
 
 namespace hpcomm {
 namespace {
@@ -33,30 +34,16 @@ kernels::DType kernel_dtype(at::ScalarType dtype) {
 
 }  // namespace
 
-void copy_segments_cuda(const at::Tensor& src, at::Tensor& dst, const at::Tensor& table, bool accumulate) {
+void launch_segments_cuda(const at::Tensor& src, at::Tensor& dst, const at::Tensor& table,
+                          const at::Tensor& chunk_ends, int64_t total_items, bool accumulate) {
   check_segment_args(src, dst, table, accumulate);
   CHECK_DEVICE(src, at::kCUDA);
-  TORCH_CHECK(table.is_cpu() || table.device() == src.device(), "table must be on the host or on ", src.device());
+  TORCH_CHECK(table.device() == src.device() && chunk_ends.device() == src.device(),
+              "the prepared table and chunk_ends must be on ", src.device());
   const c10::cuda::CUDAGuard guard(src.device());
-  const int64_t num_segments = table.size(0);
-  if (num_segments == 0) return;
-  at::Tensor rows = table.contiguous();
-  // A host table (what plans produce) is checked here; a device table is trusted, since reading it
-  // back would synchronise the stream.
-  if (rows.is_cpu()) {
-    const int64_t* host_rows = rows.data_ptr<int64_t>();
-    for (int64_t i = 0; i < num_segments; ++i) {
-      check_segment_row(host_rows + i * kTableColumns, i, src.numel(), dst.numel());
-    }
-    rows = rows.to(src.device(), /*non_blocking=*/rows.is_pinned());
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const kernels::DType dtype = kernel_dtype(src.scalar_type());
-  at::Tensor chunk_counts = at::empty({num_segments}, rows.options());
-  kernels::count_chunks(rows.data_ptr<int64_t>(), num_segments, dtype, chunk_counts.data_ptr<int64_t>(), stream);
-  const at::Tensor chunk_ends = chunk_counts.cumsum(0);
-  kernels::copy_segments(src.data_ptr(), dst.data_ptr(), rows.data_ptr<int64_t>(), chunk_ends.data_ptr<int64_t>(),
-                         num_segments, dtype, accumulate, stream);
+  kernels::copy_segments(src.data_ptr(), dst.data_ptr(), table.data_ptr<int64_t>(), chunk_ends.data_ptr<int64_t>(),
+                         table.size(0), total_items, kernel_dtype(src.scalar_type()), accumulate,
+                         c10::cuda::getCurrentCUDAStream().stream());
 }
 
 }  // namespace hpcomm

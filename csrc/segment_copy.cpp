@@ -8,6 +8,7 @@
 #include "segment_copy.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -140,13 +141,8 @@ struct Table {
   const int64_t* rows;
   int64_t num_segments;
   int64_t elem_size;
-  int64_t src_numel;
-  int64_t dst_numel;
 
-  Segment checked_segment(int64_t i) const {
-    check_segment_row(rows + i * kTableColumns, i, src_numel, dst_numel);
-    return load_segment(rows, i, elem_size);
-  }
+  Segment segment(int64_t i) const { return load_segment(rows, i, elem_size); }
 };
 
 // Cuts the given segments into work items of about kChunkBytes and spreads those over the threads.
@@ -157,12 +153,12 @@ void apply_in_chunks(const uint8_t* src, uint8_t* dst, const Table& table, const
   std::vector<int64_t> chunk_ends(segments.size());
   int64_t total = 0;
   for (int64_t k = 0; k < n; ++k) {
-    total += num_chunks(chunk_shape(table.checked_segment(segments[k]), kChunkBytes));
+    total += num_chunks(chunk_shape(table.segment(segments[k]), kChunkBytes));
     chunk_ends[k] = total;
   }
   at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = find_segment(chunk_ends.data(), n, begin), item = begin; item < end; ++k) {
-      const Segment seg = load_segment(table.rows, segments[k], table.elem_size);
+      const Segment seg = table.segment(segments[k]);
       const ChunkShape shape = chunk_shape(seg, kChunkBytes);
       for (; item < std::min(end, chunk_ends[k]); ++item) {
         apply_chunk(src, dst, seg, chunk_bounds(seg, shape, item - first_item(chunk_ends.data(), k)), line);
@@ -186,10 +182,10 @@ void apply_table(const uint8_t* src, uint8_t* dst, const Table& table, const Lin
     std::vector<int64_t>& deferred = big_per_thread[static_cast<size_t>(at::get_thread_num())];
     for (int64_t i = begin; i < end; ++i) {
       if (i + kPrefetchAhead < end) {
-        const Segment next = load_segment(table.rows, i + kPrefetchAhead, table.elem_size);
+        const Segment next = table.segment(i + kPrefetchAhead);
         if (next.num_lines > 0) prefetch_source(src + next.src_offset, next.line_bytes);
       }
-      const Segment seg = table.checked_segment(i);
+      const Segment seg = table.segment(i);
       if (segment_bytes(seg) > kChunkBytes) {
         deferred.push_back(i);
       } else {
@@ -234,34 +230,17 @@ void check_segment_args(const at::Tensor& src, const at::Tensor& dst, const at::
   CHECK_SAME_DTYPE(src, dst);
   TORCH_CHECK(src.device() == dst.device(), "src and dst must be on one device, got ", src.device(), " and ",
               dst.device());
-  TORCH_CHECK_TYPE(table.scalar_type() == at::ScalarType::Long, "table must be int64, got ", table.scalar_type());
-  TORCH_CHECK(table.dim() == 2 && table.size(1) == kTableColumns, "table must be [num_segments, 6], got shape ",
-              table.sizes());
+  CHECK_TABLE(table);
   TORCH_CHECK_TYPE(!accumulate || accumulate_defined(src.scalar_type()), "accumulate is not defined for ",
                    src.scalar_type(), " (torch has no add for it); copy is");
 }
 
-void check_segment_row(const int64_t* row, int64_t i, int64_t src_numel, int64_t dst_numel) {
-  const int64_t src_offset = row[0], dst_offset = row[1], num_lines = row[2], line_len = row[3];
-  const int64_t src_stride = row[4], dst_stride = row[5];
-  TORCH_CHECK_VALUE(src_offset >= 0 && dst_offset >= 0 && num_lines >= 0 && line_len >= 0 && src_stride >= 0 &&
-                        dst_stride >= 0,
-                    "segment ", i, " has a negative entry: (", src_offset, ", ", dst_offset, ", ", num_lines, ", ",
-                    line_len, ", ", src_stride, ", ", dst_stride, ")");
-  if (num_lines == 0 || line_len == 0) return;
-  TORCH_CHECK_INDEX(src_offset + (num_lines - 1) * src_stride + line_len <= src_numel, "segment ", i,
-                    " reads past the end of src (", src_numel, " elements)");
-  TORCH_CHECK_INDEX(dst_offset + (num_lines - 1) * dst_stride + line_len <= dst_numel, "segment ", i,
-                    " writes past the end of dst (", dst_numel, " elements)");
-}
-
-void copy_segments_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& table, bool accumulate) {
+void apply_segments_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& table, bool accumulate) {
   check_segment_args(src, dst, table, accumulate);
   CHECK_DEVICE(src, at::kCPU);
   CHECK_DEVICE(table, at::kCPU);
-  const at::Tensor rows = table.contiguous();
-  const Table t{rows.data_ptr<int64_t>(), rows.size(0), static_cast<int64_t>(src.element_size()), src.numel(),
-                dst.numel()};
+  CHECK_CONTIGUOUS(table);
+  const Table t{table.data_ptr<int64_t>(), table.size(0), static_cast<int64_t>(src.element_size())};
   const auto* s = static_cast<const uint8_t*>(src.data_ptr());
   auto* d = static_cast<uint8_t*>(dst.data_ptr());
   if (!accumulate) {
@@ -298,11 +277,35 @@ void copy_segments_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor&
   }
 }
 
-void copy_segments(const at::Tensor& src, at::Tensor& dst, const at::Tensor& table, bool accumulate) {
-#ifdef HPCOMM_WITH_CUDA
-  if (src.is_cuda()) return copy_segments_cuda(src, dst, table, accumulate);
-#endif
-  copy_segments_cpu(src, dst, table, accumulate);
+at::Tensor chunk_ends(const at::Tensor& table) {
+  CHECK_TABLE(table);
+  CHECK_DEVICE(table, at::kCPU);
+  CHECK_CONTIGUOUS(table);
+  at::Tensor ends = at::empty({table.size(0)}, table.options());
+  fill_chunk_ends(table.data_ptr<int64_t>(), table.size(0), ends.data_ptr<int64_t>());
+  return ends;
+}
+
+void copy_segments_by_items(const at::Tensor& src, at::Tensor& dst, const at::Tensor& table,
+                            const at::Tensor& chunk_ends) {
+  check_segment_args(src, dst, table, false);
+  CHECK_DEVICE(src, at::kCPU);
+  CHECK_DEVICE(table, at::kCPU);
+  CHECK_CONTIGUOUS(table);
+  TORCH_CHECK(chunk_ends.is_cpu() && chunk_ends.is_contiguous() && chunk_ends.scalar_type() == at::kLong &&
+                  chunk_ends.dim() == 1 && chunk_ends.size(0) == table.size(0),
+              "chunk_ends must be a contiguous CPU int64 [num_segments] tensor");
+  const int64_t n = table.size(0);
+  if (n == 0) return;
+  const int64_t* rows = table.data_ptr<int64_t>();
+  const int64_t* ends = chunk_ends.data_ptr<int64_t>();
+  const auto* s = static_cast<const uint8_t*>(src.data_ptr());
+  auto* d = static_cast<uint8_t*>(dst.data_ptr());
+  const int64_t elem_size = static_cast<int64_t>(src.element_size());
+  for (int64_t item = 0; item < ends[n - 1]; ++item) {
+    const WorkItem w = work_item(rows, ends, n, elem_size, item);
+    apply_chunk(s, d, w.seg, w.chunk, CopyLine{});
+  }
 }
 
 }  // namespace hpcomm

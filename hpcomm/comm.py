@@ -1,22 +1,28 @@
-"""Transport: moves each rank's per-peer messages.
+"""Transport: moves one call's per-peer messages, and nothing else.
 
-``exchange`` issues one grouped send/recv (``batch_isend_irecv``: NCCL's grouped P2P on GPU, gloo
-on CPU) per call and returns a handle whose ``wait`` enforces a timeout; ``simulate_exchange`` does
-the same for a whole simulated world in one process; ``agree`` gathers one small fingerprint per
-participant to all participants (point to point, so ranks outside the transform need not take
-part). The engine hands both paths the same messages, so simulation differs only here.
+Two transports hand the execution layer the same interface (``post`` a batch of sends and
+receives, get back one ``Pending`` per message, ``wait`` each when its data is needed):
+
+- ``P2P``: point-to-point over the process group (gloo on CPU, NCCL on GPU). Every wait is bounded
+  by the call's timeout and a failure names the peer and what the call was doing.
+- ``Simulated``: a whole world in one process; a posted receive is filled from the matching send.
+
+Why point to point only: a collective (all_to_all_single) needs every member to join every call,
+so one rank that stops to report a bad peer would hang the others, and measured on gloo the
+per-peer path with pipelined pack/unpack is as fast or faster (README, "Transport").
 """
 
 from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Any, Callable, Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-Messages = Sequence[tuple[int, torch.Tensor]]  # (peer global rank, contiguous 1-D tensor)
+HEADER_TAG = 0x6870  # headers and payloads never match each other's receives
+PAYLOAD_TAG = 0x6871
 
 
 class TransformError(RuntimeError):
@@ -35,96 +41,130 @@ def default_timeout(group: dist.ProcessGroup | None = None) -> float:
         return dist.default_pg_timeout.total_seconds()
 
 
-class Handle:
-    """Outstanding transfers of one exchange; ``wait`` blocks until all are done, or raises
-    TransformError naming the peers still outstanding once ``timeout`` seconds have passed."""
+def world_size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group)
 
-    def __init__(self, works: list[dist.Work], peers: Sequence[tuple[str, int | str]], timeout: float,
-                 what: str, device_wait: bool = False) -> None:
-        self._works, self._peers, self._timeout, self._what = works, peers, timeout, what
-        self._device_wait = device_wait
+
+class Deadline:
+    """One call's time budget: every wait of the call draws on the same ``timeout`` seconds."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._end = time.monotonic() + timeout
+
+    def left(self) -> float:
+        return max(self._end - time.monotonic(), 0.05)
+
+
+class Pending:
+    """One posted message; ``wait`` returns when its data has moved, or raises TransformError."""
+
+    def __init__(self, work: dist.Work | None, peer: int, kind: str, what: str, deadline: Deadline,
+                 on_device: bool) -> None:
+        self._work, self.peer, self._kind, self._what = work, peer, kind, what
+        self._deadline, self._on_device = deadline, on_device
 
     def wait(self) -> None:
-        deadline = time.monotonic() + self._timeout
-        failed = []
-        # gloo completes a work only inside wait(), so each is waited on in turn; after the first
-        # timeout the rest get a short grace period, to name exactly the peers that are missing
-        for work, (kind, peer) in zip(self._works, self._peers):
-            try:
-                if self._device_wait:
-                    # NCCL: wait() only orders the current stream after the transfer (the host
-                    # goes on); the process group's watchdog enforces its timeout
-                    work.wait()
-                else:
-                    work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.05)))
-            except RuntimeError as e:
-                failed.append((f"{kind} {peer}", e))
-        self._works = []
-        if failed:
-            raise TransformError(
-                f"rank {dist.get_rank()}: {self._what} did not complete within {self._timeout:g} s; "
-                f"failed: {', '.join(name for name, _ in failed)} (first error: {failed[0][1]})")
+        if self._work is None:
+            return
+        work, self._work = self._work, None
+        try:
+            if self._on_device:
+                # NCCL: wait() orders the current stream after the transfer and returns at once;
+                # the process group's watchdog enforces the timeout
+                work.wait()
+            else:
+                work.wait(timedelta(seconds=self._deadline.left()))
+        except RuntimeError as e:
+            raise TransformError(_failure(self._what, self._kind, self.peer, self._deadline.timeout, e)) from None
 
 
-def exchange(sends: Messages, recvs: Messages, group: dist.ProcessGroup | None = None,
-             timeout: float | None = None,
-             what: str = "transform") -> Handle:
-    """Post every send and receive of this rank as one group (peers are global ranks)."""
-    ops = [dist.P2POp(dist.isend, t, peer, group) for peer, t in sends]
-    ops += [dist.P2POp(dist.irecv, t, peer, group) for peer, t in recvs]
-    peers = [("send to", p) for p, _ in sends] + [("receive from", p) for p, _ in recvs]
-    try:
-        works = dist.batch_isend_irecv(ops) if ops else []
-    except RuntimeError as e:  # e.g. a peer already gone: gloo fails at posting
-        raise TransformError(f"rank {dist.get_rank()}: {what} could not post its transfers ({e})") from None
-    on_gpu = any(t.is_cuda for _, t in list(sends) + list(recvs))
-    return Handle(works, peers, default_timeout(group) if timeout is None else timeout, what, on_gpu)
-
-
-def collective(op: Callable[..., Any], args: tuple[Any, ...],
-               group: dist.ProcessGroup | None = None, timeout: float | None = None,
-               what: str = "transform") -> Handle:
-    """Post one collective (all_to_all_single, all_gather_into_tensor, broadcast) over the group:
-    the same transfer as ``exchange`` when every member takes part, and NCCL's algorithms beat
-    point to point."""
-    try:
-        work = op(*args, group=group, async_op=True)
-    except RuntimeError as e:
-        raise TransformError(f"rank {dist.get_rank()}: {what} could not post its {op.__name__} "
-                             f"({e})") from None
-    return Handle([work], [(op.__name__, "over the group")], default_timeout(group) if timeout is None
-                  else timeout, what, args[0].is_cuda)
-
-
-def simulate_exchange(sends: Mapping[int, Messages], recvs: Mapping[int, Messages]) -> None:
-    """In-process transport: every posted receive is filled from its matching send."""
-    posted = {(rank, peer): t for rank, msgs in sends.items() for peer, t in msgs}
-    for rank, msgs in recvs.items():
-        for peer, t in msgs:
-            src = posted.pop((peer, rank))
-            if src.numel() != t.numel():
-                raise TransformError(f"plan mismatch: rank {peer} sends {src.numel()} elements to "
-                                     f"rank {rank}, which expects {t.numel()}")
-            t.copy_(src)
-    if posted:
-        (rank, peer), _ = next(iter(posted.items()))
-        raise TransformError(f"plan mismatch: rank {rank} sends to rank {peer}, which expects nothing")
-
-
-def agree(fingerprint: torch.Tensor, participants: Sequence[int],
-          group: dist.ProcessGroup | None = None,
-          timeout: float | None = None) -> torch.Tensor:
-    """All participants' int64 fingerprints, [len(participants), k], on every participant: each
-    sends its own to the first participant, which sends the stacked result back to all."""
-    rank = dist.get_rank()
-    leader = participants[0]
-    table = torch.empty(len(participants), fingerprint.numel(), dtype=torch.int64)
-    if rank == leader:
-        others = [(p, table[i]) for i, p in enumerate(participants) if p != rank]
-        table[participants.index(rank)] = fingerprint
-        exchange([], others, group, timeout, "validation").wait()
-        exchange([(p, table.view(-1)) for p, _ in others], [], group, timeout, "validation").wait()
+def _failure(what: str, kind: str, peer: int, timeout: float, error: Exception) -> str:
+    text = str(error)
+    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+        why = (f"rank {peer} did not take part within {timeout:g} s (it raised an error of its own, "
+               f"called another transform or direction, skipped a call, or hangs)")
+    elif "closed" in text.lower() or "reset" in text.lower() or "broken pipe" in text.lower():
+        why = f"rank {peer} died or closed its connection"
     else:
-        exchange([(leader, fingerprint.contiguous())], [], group, timeout, "validation").wait()
-        exchange([], [(leader, table.view(-1))], group, timeout, "validation").wait()
-    return table
+        why = f"the transport failed ({text.splitlines()[0] if text else type(error).__name__})"
+    return f"rank {dist.get_rank()}: {what}: {kind} rank {peer} failed: {why}"
+
+
+class P2P:
+    """Point-to-point transport over ``group`` (peers are global ranks)."""
+
+    def __init__(self, group: dist.ProcessGroup | None, timeout: float | None) -> None:
+        self.group = group
+        self.timeout = default_timeout(group) if timeout is None else timeout
+
+    def deadline(self) -> Deadline:
+        return Deadline(self.timeout)
+
+    def post(self, sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[int, torch.Tensor]],
+             tag: int, what: str, deadline: Deadline) -> tuple[list[Pending], list[Pending]]:
+        """Post every message of the batch at once; NCCL needs them in one group (two ranks that
+        send to each other before receiving would otherwise deadlock), gloo starts each at once."""
+        ops = [dist.P2POp(dist.isend, t, peer, self.group, tag) for peer, t in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer, self.group, tag) for peer, t in recvs]
+        if not ops:
+            return [], []
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except RuntimeError as e:  # e.g. a peer already gone: gloo fails at posting
+            peer = (list(sends) + list(recvs))[0][0]
+            raise TransformError(_failure(what, "posting to", peer, deadline.timeout, e)) from None
+        on_device = ops[0].tensor.is_cuda
+        pend = [Pending(w, op.peer, "send to" if op.op is dist.isend else "receive from", what, deadline,
+                        on_device) for w, op in zip(works, ops)]
+        return pend[:len(sends)], pend[len(sends):]
+
+    def gather(self, row: torch.Tensor, what: str, deadline: Deadline) -> dict[int, list[int]]:
+        """Every member's ``row`` (int64 [n], on the host) on every member: {global rank: row}."""
+        members = dist.get_process_group_ranks(self.group or dist.group.WORLD)  # type: ignore[arg-type]
+        table = torch.empty(len(members) * row.numel(), dtype=torch.int64)
+        try:
+            work = dist.all_gather_into_tensor(table, row, group=self.group, async_op=True)
+            work.wait(timedelta(seconds=deadline.left()))  # type: ignore[union-attr]
+        except RuntimeError as e:
+            timed_out = "imed out" in str(e) or "imeout" in str(e)
+            why = (f"not every rank of the transform joined within {deadline.timeout:g} s (one raised an "
+                   f"error of its own, skipped or added a call, or died)" if timed_out else
+                   f"the transport failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            raise TransformError(f"rank {dist.get_rank()}: {what}: {why}") from None
+        # group ranks follow sorted global ranks for groups made by new_group
+        return {dist.get_global_rank(self.group, i) if self.group is not None else i: r
+                for i, r in enumerate(table.view(len(members), -1).tolist())}
+
+
+class Simulated:
+    """In-process transport for ``Transform.simulate``: one rank's ``post`` records its sends and
+    receives; ``deliver`` then fills every receive from its matching send."""
+
+    def __init__(self) -> None:
+        self._sends: dict[tuple[int, int], torch.Tensor] = {}
+        self._recvs: list[tuple[int, int, torch.Tensor]] = []
+        self.rank = -1  # the rank whose messages the next post carries
+
+    def deadline(self) -> Deadline:
+        return Deadline(1.0)
+
+    def post(self, sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[int, torch.Tensor]],
+             tag: int, what: str, deadline: Deadline) -> tuple[list[Pending], list[Pending]]:
+        for peer, t in sends:
+            self._sends[(self.rank, peer)] = t
+        self._recvs += [(peer, self.rank, t) for peer, t in recvs]
+        return ([Pending(None, p, "", what, deadline, False) for p, _ in sends],
+                [Pending(None, p, "", what, deadline, False) for p, _ in recvs])
+
+    def deliver(self) -> None:
+        for peer, rank, t in self._recvs:
+            src = self._sends.pop((peer, rank), None)
+            if src is None or src.numel() != t.numel():
+                raise TransformError(f"plan mismatch: rank {rank} expects {t.numel()} elements from rank "
+                                     f"{peer}, which sends {None if src is None else src.numel()}")
+            t.copy_(src)
+        if self._sends:
+            (rank, peer), _ = next(iter(self._sends.items()))
+            raise TransformError(f"plan mismatch: rank {rank} sends to rank {peer}, which expects nothing")
+        self._recvs = []

@@ -1,33 +1,115 @@
-"""Execution of one rank's plan: segment tables for a concrete tensor geometry, pack, unpack and
-local copy through a kernel backend. The transport (who moves the messages) is the caller's.
+"""Execution: runs one direction of one call of a transform for one rank.
+
+A ``Spec`` is everything fixed when a Transform is built (layouts, plans, options); an ``Engine``
+holds one Spec and the little state its calls share (call numbers, buffers). ``Engine.start``
+packs and posts one call and returns a ``Call`` whose ``finish`` waits, unpacks and returns the
+output; ``run`` is both. Every variant goes through them: ``t(x)``, ``out=``/``out_rows=``,
+``async_op``, the identity shortcut, and simulation (which differs only in its transport).
 
 Geometry: a local tensor is viewed as ``[rows, outer, width]`` column units. Without column
 splitting a column unit is the whole row (``outer`` = elements per row, ``width`` = 1); with it,
 ``outer`` is the product of the middle dims and ``width`` the local size of the last dim.
 
+Prepared executions (``Exec``: one rank plan made concrete for a geometry, an optional destination
+row map and a device, with every kernel table prepared by its backend) are cached in one bounded
+cache. Per call there is no table work: pack, post, wait, unpack.
+
+Overlap: receives are posted first; each send is packed and posted in turn (while one message is
+on the wire the next is packed); local copies run while messages are in flight; each arriving
+message is unpacked as soon as it is waited for. On GPU, NCCL needs a rank's sends and receives in
+one group, so messages are packed first and posted together.
+
 Zero-copy: a message that is one contiguous block of the source is sent as a view of it, and one
 that lands as one contiguous block of the destination (when nothing accumulates) is received
-straight into it; only the other messages go through the pooled pack / receive buffers.
+straight into it; only the other messages go through pooled pack / receive buffers.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Iterable
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from hpcomm.layout import split_at
-from hpcomm.plan import RankPlan, Segments
-from hpcomm.segments import copy_segments
+from hpcomm import comm, validate
+from hpcomm.layout import Layout, runs_from_rows, split_at
+from hpcomm.plan import Plan, RankPlan, Segments
+from hpcomm.segments import Backend, Prepared, get_backend
+from hpcomm.validate import failure as fail
 
 _I64 = np.int64
-_NO_TABLE = np.zeros((0, 6), _I64)
+GRAD_MODES = ("replicated", "sum", "mean", "adjoint", None)
 
-RowMap = tuple[np.ndarray, np.ndarray]  # runs (starts, lengths), int64
+RowMap = tuple[tuple[int, ...], tuple[int, ...]]  # runs (starts, lengths) of output rows
+
+
+# -- what a transform is, fixed at construction ---------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Spec:
+    """A transform's layouts, plans and options; immutable."""
+
+    src: Layout
+    dst: Layout
+    plan: Plan
+    grad_plan: Plan | None  # None: the transpose of ``plan`` (adjoint), or no backward (grad None)
+    grad: str | None
+    group: dist.ProcessGroup | None
+    backend: str
+    wire_dtype: torch.dtype | None
+    timeout: float | None
+    zero_copy: bool
+    validate: bool  # the full cross-rank check before every call (debugging)
+    fingerprint: int  # equal across processes for equal layouts and options
+    ranks: tuple[int, ...]  # every rank of src and dst, in first-appearance order
+    crosses: tuple[bool, bool]  # (forward, backward): does anything leave any rank?
+
+    @property
+    def identity(self) -> bool:
+        return self.src == self.dst
+
+    def rank_plan(self, rank: int, backward: bool) -> RankPlan:
+        if not backward:
+            return self.plan.rank_plan(rank)
+        if self.grad_plan is None:
+            return _transposed(self.plan.rank_plan(rank))
+        return self.grad_plan.rank_plan(rank)
+
+    def geometry(self, rank: int, backward: bool, trailing: Sequence[int]
+                 ) -> tuple[RankPlan, int, int, int, tuple[int, ...]]:
+        """(rank plan, outer, input width, output width, output shape) for an input whose
+        trailing dims are ``trailing``."""
+        plan = self.rank_plan(rank, backward)
+        trailing = tuple(trailing)
+        if self.plan.col_mode:
+            outer = math.prod(trailing[:-1])
+            return plan, outer, plan.in_cols, plan.out_cols, (plan.out_rows, *trailing[:-1], plan.out_cols)
+        return plan, math.prod(trailing), 1, 1, (plan.out_rows, *trailing)
+
+
+def grad_plan(src: Layout, dst: Layout, grad: str | None) -> Plan | None:
+    """The plan gradients take from ``dst`` back to ``src``. Every source holder of a row (a
+    replica, or a holder of a partial sum) receives the row's full gradient; rows no destination
+    read get zeros. "replicated" reads one destination holder per row (the local one when there is
+    one), "sum" and "mean" add every holder's (mean scales first)."""
+    if grad in ("adjoint", None):
+        return None
+    return Plan(dst.as_partial() if grad in ("sum", "mean") else dst, src.as_partial(False), fill_missing=True)
+
+
+def fingerprint(src: Layout, dst: Layout, options: tuple[Any, ...]) -> int:
+    return (src.fingerprint() * 31 + dst.fingerprint() * 7 + validate.digest(repr(options))) & ((1 << 63) - 1)
+
+
+# -- prepared executions ---------------------------------------------------------------------------
 
 
 def _blocks(seg: Segments, outer: int, width: int, collapse: np.ndarray
@@ -42,7 +124,7 @@ def _blocks(seg: Segments, outer: int, width: int, collapse: np.ndarray
     return offset, lines, line_len, stride
 
 
-def _remap(seg: Segments, row_map: RowMap) -> tuple[Segments, np.ndarray, np.ndarray]:
+def _remap(seg: Segments, row_map: tuple[np.ndarray, np.ndarray]) -> tuple[Segments, np.ndarray, np.ndarray]:
     """Send local rows through ``row_map`` (runs (starts, lengths) of the real rows, in local
     order): the mapped segments, and for each piece its segment index and first row within it."""
     starts, lengths = row_map
@@ -54,17 +136,20 @@ def _remap(seg: Segments, row_map: RowMap) -> tuple[Segments, np.ndarray, np.nda
 
 @dataclass(frozen=True, eq=False)
 class Message:
-    """One peer's message: its size, its segment table against the local tensor (buffer column
-    relative to the message start), and, when zero-copy applies, its element offset in the tensor."""
+    """One peer's message: its size, where it lives (a view of the tensor at ``view_offset``, or
+    the pooled buffer at ``buf_offset``), and for a buffered one its prepared pack/unpack table
+    (buffer offsets relative to the message start)."""
 
     peer: int
     numel: int
-    table: np.ndarray
     view_offset: int | None
+    buf_offset: int
+    table: Prepared | None
 
 
-def _message(seg: Segments, outer: int, width: int, tensor_is_src: bool, row_map: RowMap | None,
-             direct_ok: bool) -> tuple[int, np.ndarray, int | None]:
+def _table(seg: Segments, outer: int, width: int, tensor_is_src: bool,
+           row_map: tuple[np.ndarray, np.ndarray] | None) -> tuple[int, np.ndarray]:
+    """Size and segment table of one message against the local tensor."""
     per_row = outer * seg.num_cols
     sizes = seg.num_rows * per_row
     buf_off = np.cumsum(sizes) - sizes
@@ -78,49 +163,46 @@ def _message(seg: Segments, outer: int, width: int, tensor_is_src: bool, row_map
         table = np.stack([t_off, buf_off, lines, line_len, t_stride, line_len], 1)
     else:
         table = np.stack([buf_off, t_off, lines, line_len, line_len, t_stride], 1)
-    contiguous = len(table) == 1 and (lines[0] == 1 or t_stride[0] == line_len[0])
-    return numel, table.astype(_I64).reshape(-1, 6), int(t_off[0]) if direct_ok and contiguous else None
+    return numel, table.astype(_I64).reshape(-1, 6)
 
 
 @dataclass(frozen=True, eq=False)
 class Exec:
-    """A rank plan made concrete for one geometry (and optionally a destination row map)."""
+    """A rank plan made concrete for one geometry, row map and device."""
 
     plan: RankPlan
     sends: tuple[Message, ...]
     recvs: tuple[Message, ...]
     send_numel: int  # pack buffer: messages that are not views, back to back
     recv_numel: int  # receive buffer: messages not received in place
-    pack_table: torch.Tensor
-    steps: tuple[tuple[torch.Tensor, bool], ...]  # (table, reads the receive buffer), in order
+    local: Prepared | None
+    backend: Backend
 
 
-def _rebase(messages: Iterable[Message], column: int
-            ) -> tuple[dict[int, int], dict[int, np.ndarray], int]:
-    """Offsets of buffered messages back to back, and their tables shifted there."""
-    offsets, tables, pos = {}, {}, 0
-    for m in messages:
-        if m.view_offset is None:
-            table = m.table.copy()
-            table[:, column] += pos
-            offsets[m.peer], tables[m.peer] = pos, table
-            pos += m.numel
-    return offsets, tables, pos
+def _messages(segments: Sequence[tuple[int, Segments]], outer: int, width: int, tensor_is_src: bool,
+              row_map: tuple[np.ndarray, np.ndarray] | None, direct_ok: bool, backend: Backend,
+              device: torch.device) -> tuple[tuple[Message, ...], int]:
+    out, pos = [], 0
+    buf_col = 1 if tensor_is_src else 0
+    tensor_col = 0 if tensor_is_src else 1
+    for peer, seg in segments:
+        numel, table = _table(seg, outer, width, tensor_is_src, row_map)
+        contiguous = len(table) == 1 and (table[0, 2] == 1 or table[0, 4 + tensor_col] == table[0, 3])
+        if direct_ok and contiguous:
+            out.append(Message(peer, numel, int(table[0, tensor_col]), 0, None))
+            continue
+        table[:, buf_col] += pos
+        out.append(Message(peer, numel, None, pos, backend.prepare(torch.from_numpy(table), device)))
+        pos += numel
+    return tuple(out), pos
 
 
-@lru_cache(maxsize=1024)
-def materialize(plan: RankPlan, outer: int, w_in: int, w_out: int,
-                row_map: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
-                zero_copy: bool = True) -> Exec:
-    """row_map: runs (tuple of starts, tuple of lengths) of the output rows that the destination
-    shard's local rows land on (``out_rows``), or None for an output of exactly the shard."""
+def _prepare(plan: RankPlan, outer: int, w_in: int, w_out: int, row_map: RowMap | None,
+             zero_copy: bool, backend: Backend, device: torch.device) -> Exec:
     rmap = None if row_map is None else (np.asarray(row_map[0], _I64), np.asarray(row_map[1], _I64))
-    sends = tuple(Message(p, *_message(s, outer, w_in, True, None, zero_copy))
-                  for p, s in plan.sends)
-    recvs = tuple(Message(p, *_message(s, outer, w_out, False, rmap, zero_copy and not plan.accumulate))
-                  for p, s in plan.recvs)
-    _, pack_tables, send_numel = _rebase(sends, 1)
-    recv_offsets, unpack_tables, recv_numel = _rebase(recvs, 0)
+    sends, send_numel = _messages(plan.sends, outer, w_in, True, None, zero_copy, backend, device)
+    recvs, recv_numel = _messages(plan.recvs, outer, w_out, False, rmap, zero_copy and not plan.accumulate,
+                                  backend, device)
     src, dst = plan.local
     if rmap is not None:
         dst, idx, shift = _remap(dst, rmap)
@@ -129,42 +211,75 @@ def materialize(plan: RankPlan, outer: int, w_in: int, w_out: int,
     s_off, lines, line_len, s_stride = _blocks(src, outer, w_in, collapse)
     d_off, _, _, d_stride = _blocks(dst, outer, w_out, collapse)
     local = np.stack([s_off, d_off, lines, line_len, s_stride, d_stride], 1).astype(_I64).reshape(-1, 6)
-    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    if plan.accumulate:
-        steps = tuple((as_tensor(local), False) if r == plan.rank else
-                      (as_tensor(unpack_tables.get(r, _NO_TABLE)), True) for r in plan.order)
-    else:
-        merged = np.concatenate([unpack_tables[m.peer] for m in recvs if m.peer in unpack_tables]
-                                + [_NO_TABLE])
-        steps = ((as_tensor(local), False), (as_tensor(merged), True))
-    pack_table = np.concatenate([pack_tables[m.peer] for m in sends if m.peer in pack_tables] + [_NO_TABLE])
-    return Exec(plan, sends, recvs, send_numel, recv_numel, as_tensor(pack_table),
-                tuple(s for s in steps if len(s[0])))
+    prepared = backend.prepare(torch.from_numpy(local), device) if len(local) else None
+    return Exec(plan, sends, recvs, send_numel, recv_numel, prepared, backend)
 
 
-class DeviceTables:
-    """Segment tables moved to the data's device once and reused (CUDA kernels read them there)."""
+class _Bounded:
+    """A bounded LRU cache: the one place prepared executions live (oldest dropped first)."""
 
-    def __init__(self, capacity: int = 4096) -> None:
-        # bounded like materialize's cache: tables of plans no longer used drop out, oldest first
-        self._cache: OrderedDict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._capacity = capacity
+    def __init__(self, capacity: int) -> None:
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self.capacity = capacity
 
-    def get(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
-        if device.type == "cpu":
-            return table
-        key = (id(table), device)
-        hit = self._cache.get(key)
-        if hit is None or hit[0] is not table:
-            hit = (table, table.to(device, non_blocking=True))
-            self._cache[key] = hit
-            if len(self._cache) > self._capacity:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        return hit[1]
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        hit = self._items.get(key)
+        if hit is None:
+            hit = self._items[key] = make()
+            if len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(key)
+        return hit
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
-_device_tables = DeviceTables()
+EXECS = _Bounded(1024)
+
+
+@lru_cache(maxsize=1024)
+def _transposed(plan: RankPlan) -> RankPlan:
+    return plan.transpose()
+
+
+def _holder_counts(plan: Plan, rank: int) -> np.ndarray:
+    """[local rows, local cols] (cols = 1 without column splits): how many destination ranks hold
+    each element of ``rank``'s destination shard."""
+    dst = plan.dst
+    if rank not in dst.ranks:
+        return np.zeros((0, plan.width(dst, rank)))
+    index = dst.holder_index
+    starts, lengths = dst.runs(rank)
+    c0, c1 = plan.cols_of(dst, dst.index(rank))
+    local_off = np.cumsum(lengths) - lengths
+    ridx, ps, pe, bins = index.split(starts, starts + lengths)
+    counts = np.zeros((int(lengths.sum()), c1 - c0))
+    col = np.arange(c0, c1)
+    for b in np.unique(bins).tolist():
+        per_col = np.zeros(c1 - c0)
+        for h in index.holders_of(b):
+            h0, h1 = plan.cols_of(dst, h)
+            per_col += (col >= h0) & (col < h1)
+        for p in np.flatnonzero(bins == b).tolist():
+            first = local_off[ridx[p]] + ps[p] - starts[ridx[p]]
+            counts[first:first + pe[p] - ps[p]] = per_col
+    return counts
+
+
+def _mean_scale(spec: Spec, rank: int, grad: torch.Tensor) -> torch.Tensor:
+    """1 / (number of destination ranks holding each element), broadcastable against ``grad``."""
+    def make() -> torch.Tensor:
+        counts = _holder_counts(spec.plan, rank)
+        scale = torch.from_numpy(1.0 / np.maximum(counts, 1)).to(grad.dtype).to(grad.device)
+        if spec.plan.col_mode:
+            return scale.view(scale.shape[0], *([1] * (grad.dim() - 2)), scale.shape[1])
+        return scale.view(-1, *([1] * (grad.dim() - 1)))
+    return EXECS.get(("mean", spec, rank, grad.dtype, grad.device, grad.dim()), make)
+
+
+# -- running a call -------------------------------------------------------------------------------
 
 
 class BufferPool:
@@ -184,37 +299,291 @@ class BufferPool:
             bucket.append(buf)
 
 
-def _apply(src: torch.Tensor, dst: torch.Tensor, table: torch.Tensor, accumulate: bool,
-           backend: str) -> None:
-    copy_segments(src, dst, _device_tables.get(table, dst.device), accumulate, backend)
+def _place(m: Message, tensor: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    if m.view_offset is not None:
+        return tensor[m.view_offset:m.view_offset + m.numel]
+    return buf[m.buf_offset:m.buf_offset + m.numel]
 
 
-def post_messages(exe: Exec, x_flat: torch.Tensor, out_flat: torch.Tensor, send_buf: torch.Tensor,
-                  recv_buf: torch.Tensor, backend: str
-                  ) -> tuple[list[tuple[int, torch.Tensor]], list[tuple[int, torch.Tensor]]]:
-    """Pack what is not sent as a view, and return the (peer, tensor) lists to send and to receive
-    into. A plan with ``zero_fill`` needs its destination rows zeroed before this (the caller
-    knows which rows of its output those are)."""
-    if len(exe.pack_table):
-        _apply(x_flat, send_buf, exe.pack_table, False, backend)
-    return _places(exe.sends, x_flat, send_buf), _places(exe.recvs, out_flat, recv_buf)
+class Call:
+    """One direction of one call in flight on one rank; ``finish`` completes it."""
+
+    def __init__(self, engine: Engine, exe: Exec | None, x_flat: torch.Tensor, out: torch.Tensor,
+                 send_buf: torch.Tensor | None, recv_buf: torch.Tensor | None,
+                 sends: list[comm.Pending], recvs: dict[int, comm.Pending], problems: list[str],
+                 what: str) -> None:
+        self.engine, self.exe, self.x_flat, self.out = engine, exe, x_flat, out
+        self.send_buf, self.recv_buf, self.sends, self.recvs = send_buf, recv_buf, sends, recvs
+        self.problems, self.what = problems, what
+
+    def finish(self) -> torch.Tensor:
+        exe = self.exe
+        if exe is None:  # the output is the input (identity) or has no rows
+            return self.out
+        out_flat = self.out.detach().view(-1)
+        try:
+            if exe.plan.accumulate:  # contributions added in the plan's order, each as it arrives
+                by_peer = {m.peer: m for m in exe.recvs}
+                for r in exe.plan.order:
+                    if r == exe.plan.rank:
+                        self._apply(exe.local, self.x_flat, out_flat, True)
+                    elif r in self.recvs:
+                        self.recvs[r].wait()
+                        self._apply(by_peer[r].table, self.recv_buf, out_flat, True)
+            else:
+                for m in exe.recvs:
+                    if m.peer in self.recvs:
+                        self.recvs[m.peer].wait()
+                        self._apply(m.table, self.recv_buf, out_flat, False)
+            for s in self.sends:
+                s.wait()
+        finally:
+            for buf in (self.send_buf, self.recv_buf):
+                if buf is not None:
+                    self.engine.pool.give(buf)
+        if self.problems:
+            raise ValueError(f"rank {exe.plan.rank}: {self.what} refused by its peers: "
+                             + "; ".join(self.problems))
+        return self.out
+
+    def _apply(self, table: Prepared | None, src: torch.Tensor | None, dst: torch.Tensor,
+               accumulate: bool) -> None:
+        if table is not None and src is not None:
+            self.exe.backend.apply(table, src, dst, accumulate)  # type: ignore[union-attr]
 
 
-def _places(messages: Iterable[Message], tensor: torch.Tensor, buf: torch.Tensor
-            ) -> list[tuple[int, torch.Tensor]]:
-    """Where each message lives: a view of the tensor (zero-copy), or its slice of the buffer."""
-    out, pos = [], 0
-    for m in messages:
-        if m.view_offset is not None:
-            out.append((m.peer, tensor[m.view_offset:m.view_offset + m.numel]))
+class Engine:
+    """Runs a Spec's calls for this process (or, through ``simulated``, for a whole world)."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.pool = BufferPool()
+        self.calls = [0, 0]  # calls made so far per direction: part of every header
+        self.transport = comm.P2P(spec.group, spec.timeout)
+        self._mean: Engine | None = None  # validation's reference route under "replicated"
+        self._spans: bool | None = None
+
+    # geometry and checks ---------------------------------------------------------------------
+
+    def output_shape(self, x: torch.Tensor, rank: int, backward: bool) -> tuple[int, ...]:
+        return self.spec.geometry(rank, backward, x.shape[1:])[4]
+
+    def local_error(self, x: Any, rank: int, backward: bool) -> Exception | None:
+        """The input checks a rank can make alone (rows, dims, device); None if it passes."""
+        what = "gradient" if backward else "input"
+        if not isinstance(x, torch.Tensor):
+            return fail(TypeError(f"rank {rank}: {what} must be a torch.Tensor, got {type(x).__name__}"), 5)
+        if x.dim() == 0:
+            return fail(ValueError(f"rank {rank}: {what} is a zero-dim tensor; it needs a row dim"), 5)
+        if x.device.type == "meta":
+            return fail(ValueError(f"rank {rank}: {what} is a meta tensor (no data to move); pass a CPU or "
+                                   f"CUDA tensor"), 2)
+        plan = self.spec.rank_plan(rank, backward)
+        if x.shape[0] != plan.in_rows:
+            return fail(ValueError(f"rank {rank}: {what} has {x.shape[0]} rows, but the layout gives this "
+                                   f"rank {plan.in_rows}"), 3)
+        if self.spec.plan.col_mode:
+            if x.dim() < 2:
+                return fail(ValueError(f"rank {rank}: {what} of shape {tuple(x.shape)} has no column dim, "
+                                       f"but the layouts split columns"), 4)
+            if x.shape[-1] != plan.in_cols:
+                return fail(ValueError(f"rank {rank}: {what} has last dim {x.shape[-1]}, but the layout gives "
+                                  f"this rank {plan.in_cols} columns"), 4)
+        wire = self.spec.wire_dtype
+        if wire is not None and (x.dtype.is_floating_point != wire.is_floating_point or x.is_complex()):
+            return TypeError(f"rank {rank}: wire_dtype {wire} does not fit a {x.dtype} {what}")
+        return None
+
+    def check_world(self, rank: int) -> None:
+        """Ranks the layouts name must exist: otherwise messages go to no one and hang."""
+        size = comm.world_size(self.spec.group)
+        outside = [r for r in self.spec.ranks if r >= size]
+        if outside:
+            raise ValueError(f"rank {rank}: the transform's layouts name ranks {outside}, but the "
+                             f"process group has only {size} ranks (0..{size - 1})")
+
+    # running ---------------------------------------------------------------------------------
+
+    def run(self, x: torch.Tensor, rank: int, backward: bool, out: torch.Tensor | None = None,
+            rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.start(x, rank, backward, out, rows).finish()
+
+    def backward(self, grad: torch.Tensor, rank: int) -> torch.Tensor:
+        """The gradient's call; with validation under "replicated", also checks that destination
+        replicas hold equal gradients (the convention's premise) against the "mean" route."""
+        result = self.run(grad, rank, True)
+        spec = self.spec
+        if spec.validate and spec.grad == "replicated":
+            if self._mean is None:
+                self._mean = Engine(replace(spec, grad="mean", grad_plan=grad_plan(spec.src, spec.dst, "mean"),
+                                            validate=False, fingerprint=spec.fingerprint ^ 1))
+            mean = self._mean.run(grad, rank, True)
+            tol = 1e-5 if grad.dtype == torch.float64 else 1e-2 if grad.element_size() < 4 else 1e-4
+            differ = not torch.allclose(result, mean, rtol=tol, atol=tol)
+            trailing = tuple(grad.shape[1:-1] if spec.plan.col_mode else grad.shape[1:])
+            validate.agree(spec.fingerprint, spec.ranks, rank, grad, trailing, True, None, self.transport,
+                           extra=int(differ))
+        return result
+
+    def start(self, x: torch.Tensor, rank: int, backward: bool, out: torch.Tensor | None = None,
+              rows: torch.Tensor | None = None, transport: Any = None,
+              error: Exception | None = None) -> Call:
+        """Check, pack and post one call. ``error``: this rank's input check already failed; it
+        still tells its peers (so they raise at once, naming it), then raises."""
+        spec = self.spec
+        what = f"transform {'backward' if backward else 'forward'}"
+        if error is None:
+            error = self.local_error(x, rank, backward)
+        seq = self.calls[backward]
+        self.calls[backward] += 1
+        transport = transport or self.transport
+        simulated = isinstance(transport, comm.Simulated)
+        crosses = spec.crosses[backward] and not simulated
+        if spec.validate and not simulated:
+            trailing = tuple(x.shape[1:-1] if spec.plan.col_mode else x.shape[1:]) if error is None else ()
+            validate.agree(spec.fingerprint, spec.ranks, rank, x, trailing, backward, error, transport)
+        if error is not None:
+            if crosses:
+                try:
+                    self._headers(rank, backward, seq, None, (), None, transport, what,
+                                  failed=getattr(error, "hpcomm_reason", 1))
+                except comm.TransformError:
+                    pass  # peers that never came: this rank's own error is the one to report
+            raise error
+        plan, outer, w_in, w_out, out_shape = spec.geometry(rank, backward, x.shape[1:])
+        if backward and spec.grad == "mean":
+            x = x * _mean_scale(spec, rank, x)
+        x_flat = x.detach().contiguous().view(-1)
+        if out is None:
+            if spec.identity and not backward:
+                return Call(self, None, x_flat, x, None, None, [], {}, [], what)
+            out = x_flat.new_empty(out_shape)
+        data = out.detach()
+        wire = spec.wire_dtype or x.dtype
+        backend = get_backend(spec.backend if wire == x.dtype else "torch", x.device)
+        row_map = None
+        if rows is not None:
+            starts, lengths = runs_from_rows(rows.cpu().numpy().astype(np.int64))
+            row_map = (tuple(starts.tolist()), tuple(lengths.tolist()))
+        zero_copy = spec.zero_copy and wire == x.dtype
+        exe: Exec = EXECS.get((plan, outer, w_in, w_out, row_map, zero_copy, backend.name, x.device),
+                              lambda: _prepare(plan, outer, w_in, w_out, row_map, zero_copy, backend,
+                                               x.device))
+        bad: dict[int, str] = {}
+        if crosses and (exe.sends or exe.recvs or self._spans_group()):
+            trailing = tuple(x.shape[1:-1] if spec.plan.col_mode else x.shape[1:])
+            bad = self._headers(rank, backward, seq, x, trailing, exe, transport, what)
+        if exe.plan.zero_fill:  # only the destination rows: the rest of a caller's out is theirs
+            data.zero_() if rows is None else data.index_fill_(0, rows, 0)
+        out_flat = data.view(-1)
+        send_buf = self.pool.take(exe.send_numel, wire, x.device) if exe.send_numel else None
+        recv_buf = self.pool.take(exe.recv_numel, wire, x.device) if exe.recv_numel else None
+        deadline = transport.deadline()
+        if simulated:
+            transport.rank = rank
+        recv_list = [(m.peer, _place(m, out_flat, recv_buf)) for m in exe.recvs if m.peer not in bad]  # type: ignore[arg-type]
+        _, posted = transport.post([], recv_list, comm.PAYLOAD_TAG, what, deadline)
+        recvs = {p.peer: p for p in posted}
+        pipelined = x.device.type == "cpu"
+        sends: list[comm.Pending] = []
+        batch = []
+        for m in exe.sends:
+            if m.peer in bad:
+                continue
+            if m.table is not None:
+                backend.apply(m.table, x_flat, send_buf, False)  # type: ignore[arg-type]
+            batch.append((m.peer, _place(m, x_flat, send_buf)))  # type: ignore[arg-type]
+            if pipelined:  # on the wire while the next message is packed
+                sends += transport.post(batch, [], comm.PAYLOAD_TAG, what, deadline)[0]
+                batch = []
+        sends += transport.post(batch, [], comm.PAYLOAD_TAG, what, deadline)[0]
+        if not exe.plan.accumulate and exe.local is not None:  # overlaps the transfers
+            backend.apply(exe.local, x_flat, out_flat, False)
+        return Call(self, exe, x_flat, out, send_buf, recv_buf, sends, recvs, list(bad.values()), what)
+
+    def _spans_group(self) -> bool:
+        """Whether the transform's ranks are exactly its group's members: then one small
+        all-gather shows every rank every rank's header."""
+        if self._spans is None:
+            members = dist.get_process_group_ranks(self.spec.group or dist.group.WORLD)  # type: ignore[arg-type]
+            self._spans = sorted(members) == sorted(self.spec.ranks)
+        return self._spans
+
+    def _headers(self, rank: int, backward: bool, seq: int, x: torch.Tensor | None,
+                 trailing: Sequence[int], exe: Exec | None, transport: comm.P2P, what: str,
+                 failed: int = 0) -> dict[int, str]:
+        """Check this call against the other ranks' before any payload moves. When the
+        transform spans its group, every rank sees every header and all decide alike: a
+        disagreement anywhere raises on every rank. Otherwise each pair of ranks that exchange
+        data swap headers: {peer: what it disagrees on} (the call completes with the others,
+        then raises)."""
+        spec = self.spec
+        deadline = transport.deadline()
+        if self._spans_group():
+            mine = validate.header(spec.fingerprint, backward, seq, x, trailing, failed=failed)
+            rows = transport.gather(torch.tensor(mine, dtype=torch.int64), what + " (header)", deadline)
+            problems = validate.odd_ones(rows)
+            if problems and not failed:
+                raise ValueError(f"rank {rank}: {what} refused: " + "; ".join(problems))
+            return {}
+        if exe is None:  # this rank's input is bad: tell every peer the plan gives it
+            plan = spec.rank_plan(rank, backward)
+            sizes = {p: (0, 0) for p, _ in plan.sends + plan.recvs}
         else:
-            out.append((m.peer, buf[pos:pos + m.numel]))
-            pos += m.numel
-    return out
+            sizes = {}
+            for m in exe.sends:
+                sizes[m.peer] = (m.numel, 0)
+            for m in exe.recvs:
+                sizes[m.peer] = (sizes.get(m.peer, (0, 0))[0], m.numel)
+        peers = sorted(sizes)
+        mine_for = {p: validate.header(spec.fingerprint, backward, seq, x, trailing, *sizes[p], failed=failed)
+                    for p in peers}
+        theirs = {p: torch.empty(validate.HEADER_LEN, dtype=torch.int64) for p in peers}
+        sent, got = transport.post([(p, torch.tensor(mine_for[p], dtype=torch.int64)) for p in peers],
+                                   list(theirs.items()), comm.HEADER_TAG, what + " (header)", deadline)
+        if failed:  # this rank raises its own error once its peers have the flag
+            for pending in sent:
+                try:
+                    pending.wait()
+                except comm.TransformError:
+                    pass  # a peer that never came; the input error is what this rank reports
+            return {}
+        disagree: dict[int, str] = {}
+        for p, pending in zip(peers, got):
+            pending.wait()
+            text = validate.disagreement(rank, mine_for[p], p, theirs[p].tolist())
+            if text is not None:
+                disagree[p] = text
+        for pending in sent:
+            pending.wait()
+        return disagree
 
 
-def finish(exe: Exec, x_flat: torch.Tensor, recv_buf: torch.Tensor, out_flat: torch.Tensor,
-           backend: str) -> None:
-    """Local copies and buffered messages into the destination, in the plan's order."""
-    for table, from_recv in exe.steps:
-        _apply(recv_buf if from_recv else x_flat, out_flat, table, exe.plan.accumulate, backend)
+# -- the registry the custom ops read -----------------------------------------------------------
+
+_engines: "weakref.WeakValueDictionary[int, Engine]" = weakref.WeakValueDictionary()
+_next_handle = itertools.count(1)
+
+
+def register(engine: Engine) -> int:
+    """An integer handle for an Engine, which the custom ops carry through a graph as data."""
+    handle = next(_next_handle)
+    _engines[handle] = engine
+    return handle
+
+
+def lookup(handle: int) -> Engine:
+    try:
+        return _engines[handle]
+    except KeyError:
+        raise RuntimeError(f"hpcomm transform handle {handle} is not alive (its Transform was freed)") from None
+
+
+def simulate(engine: Engine, tensors: dict[int, torch.Tensor], backward: bool,
+             out: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """Every rank's call in this process: the same path, an in-process transport."""
+    transport = comm.Simulated()
+    calls = {r: engine.start(tensors[r], r, backward, None if out is None else out[r], transport=transport)
+             for r in engine.spec.ranks}
+    transport.deliver()
+    return {r: c.finish() for r, c in calls.items()}

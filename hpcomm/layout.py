@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import heapq
 import numbers
+from dataclasses import dataclass, fields
 from functools import cached_property
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -71,6 +72,22 @@ def compose_runs(inner_starts: np.ndarray, inner_lengths: np.ndarray, outer_star
     inner_starts, inner_lengths = inner_starts[keep], inner_lengths[keep]
     _, ps, pe, bins = split_at(inner_starts, inner_starts + inner_lengths, bounds)
     return merge_runs(outer_starts[bins] + (ps - bounds[bins]), pe - ps)
+
+
+def union_runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted, disjoint runs covering the union of (possibly overlapping) runs; touching runs fuse."""
+    keep = lengths > 0
+    starts, ends = starts[keep], (starts + lengths)[keep]
+    if len(starts) == 0:
+        return starts.astype(_I64), ends.astype(_I64)
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], ends[order]
+    reach = np.maximum.accumulate(ends)
+    new = np.ones(len(starts), dtype=bool)
+    new[1:] = starts[1:] > reach[:-1]
+    heads = np.flatnonzero(new)
+    tails = np.append(heads[1:], len(starts)) - 1
+    return starts[heads].astype(_I64), (reach[tails] - starts[heads]).astype(_I64)
 
 
 def runs_from_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,21 +180,265 @@ def _check_rows(rows: np.ndarray, num_rows: int, rank: int | str, what: str = "r
 # ---------------------------------------------------------------------------------------------------
 
 
+# kinds: how each kind of layout places rows on rank positions
+
+
+class Kind:
+    """How one kind of layout places rows on its rank positions 0..num_positions-1. Subclasses are
+    frozen dataclasses whose fields are the kind's parameters, so layouts compare and hash by
+    value; derived arrays are cached on the (immutable) instance. Adding a kind is one subclass."""
+
+    @property
+    def num_rows(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_positions(self) -> int:
+        raise NotImplementedError
+
+    def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, lengths) of position ``pos``'s rows in local order (may hold empty runs)."""
+        raise NotImplementedError
+
+    def all_runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(position, start, length) of every position's merged runs, positions in order."""
+        per = [merge_runs(*self.runs(p)) for p in range(self.num_positions)]
+        pos = np.repeat(np.arange(len(per), dtype=_I64), [len(s) for s, _ in per])
+        return (pos, np.concatenate([s for s, _ in per] + [np.zeros(0, _I64)]),
+                np.concatenate([n for _, n in per] + [np.zeros(0, _I64)]))
+
+    def covers_all(self) -> bool:
+        """True when every row has a holder by construction (no need to read the runs)."""
+        return False
+
+    def holder_index(self, layout: Layout) -> HolderIndex | ChunkIndex:
+        return HolderIndex(layout)
+
+
+@dataclass(frozen=True)
+class Replicated(Kind):
+    rows: int
+    positions: int
+
+    num_rows = property(lambda self: self.rows)  # type: ignore[assignment]
+    num_positions = property(lambda self: self.positions)  # type: ignore[assignment]
+
+    def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.array([0], _I64), np.array([self.rows], _I64)
+
+    def covers_all(self) -> bool:
+        return True
+
+    def holder_index(self, layout: Layout) -> ChunkIndex:
+        return ChunkIndex(np.array([self.rows], _I64), 1, lambda s, j: np.zeros_like(j),
+                          replicas=self.positions)
+
+
+@dataclass(frozen=True)
+class Blocks(Kind):
+    """Position i holds the consecutive rows [bounds[i], bounds[i + 1]) (contiguous, dp_by_rank)."""
+
+    sizes: tuple[int, ...]
+
+    num_rows = property(lambda self: int(self.bounds[-1]))  # type: ignore[assignment]
+    num_positions = property(lambda self: len(self.sizes))  # type: ignore[assignment]
+
+    @cached_property
+    def bounds(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.sizes, dtype=_I64)]).astype(_I64)
+
+    def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.bounds[pos:pos + 1], np.array([self.sizes[pos]], _I64)
+
+    def all_runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        sizes = np.asarray(self.sizes, _I64)
+        keep = np.flatnonzero(sizes > 0)
+        return keep, self.bounds[keep], sizes[keep]
+
+    def covers_all(self) -> bool:
+        return True
+
+    def holder_index(self, layout: Layout) -> ChunkIndex:
+        return ChunkIndex(np.asarray(self.sizes, _I64), 1, lambda s, j: s)
+
+
+@dataclass(frozen=True)
+class FromRows(Kind):
+    """Explicit runs per position: ((starts, lengths), ...)."""
+
+    rows: int
+    position_runs: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+
+    num_rows = property(lambda self: self.rows)  # type: ignore[assignment]
+    num_positions = property(lambda self: len(self.position_runs))  # type: ignore[assignment]
+
+    def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        s, n = self.position_runs[pos]
+        return np.asarray(s, _I64), np.asarray(n, _I64)
+
+
+@dataclass(frozen=True)
+class _Sequences(Kind):
+    """Base of the kinds over packed sequences (samples) ``lens``, sequence s at ``offsets[s]``."""
+
+    lens: tuple[int, ...]
+    positions: int
+
+    num_rows = property(lambda self: sum(self.lens))  # type: ignore[assignment]
+    num_positions = property(lambda self: self.positions)  # type: ignore[assignment]
+
+    @cached_property
+    def lens_array(self) -> np.ndarray:
+        return np.asarray(self.lens, _I64)
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        return (np.cumsum(self.lens_array) - self.lens_array).astype(_I64)
+
+    def covers_all(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class DP(_Sequences):
+    """Whole samples per position; ``assign`` is contiguous, round_robin or balanced."""
+
+    assign: str
+
+    @cached_property
+    def owner(self) -> np.ndarray:
+        """[samples] position holding each sample."""
+        lens, k, s = self.lens_array, self.positions, len(self.lens)
+        if self.assign == "contiguous":
+            return np.repeat(np.arange(k, dtype=_I64), np.diff(split_points(s, k)))
+        if self.assign == "round_robin":
+            return np.arange(s, dtype=_I64) % k
+        owner = np.empty(s, _I64)
+        heap = [(0, r) for r in range(k)]  # (rows so far, position): ties go to the earlier rank
+        for sample in np.lexsort((np.arange(s), -lens)).tolist():
+            load, r = heapq.heappop(heap)
+            owner[sample] = r
+            heapq.heappush(heap, (load + int(lens[sample]), r))
+        return owner
+
+    @cached_property
+    def _by_owner(self) -> tuple[np.ndarray, np.ndarray]:
+        """(samples sorted by (owner, index), first entry of each position) for O(1) lookup."""
+        order = np.argsort(self.owner, kind="stable")
+        return order, np.searchsorted(self.owner[order], np.arange(self.positions + 1))
+
+    def samples(self, pos: int) -> np.ndarray:
+        """Sample indices held by position ``pos``, increasing (the local order)."""
+        order, first = self._by_owner
+        return order[first[pos]:first[pos + 1]]
+
+    def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        samples = self.samples(pos)
+        return self.offsets[samples], self.lens_array[samples]
+
+    def holder_index(self, layout: Layout) -> ChunkIndex:
+        owner = self.owner
+        return ChunkIndex(self.lens_array, 1, lambda s, j: owner[s])
+
+
+@dataclass(frozen=True)
+class CP(_Sequences):
+    """Each sequence tensor_split into 2k (zigzag: position i holds chunks i and 2k-1-i) or k
+    (contiguous) chunks."""
+
+    mode: str
+
+    @property
+    def parts(self) -> int:
+        return 2 * self.positions if self.mode == "zigzag" else self.positions
+
+    def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        parts, lens = self.parts, self.lens_array
+        chunks = [pos, parts - 1 - pos] if self.mode == "zigzag" else [pos]
+        base, extra = lens // parts, lens % parts
+        starts = [self.offsets + j * base + np.minimum(j, extra) for j in chunks]
+        lengths = [base + (j < extra) for j in chunks]
+        # local order: for each sequence, chunk i then chunk parts-1-i
+        return np.stack(starts, 1).reshape(-1), np.stack(lengths, 1).reshape(-1)
+
+    def holder_index(self, layout: Layout) -> ChunkIndex:
+        parts = self.parts
+        if self.mode == "zigzag":
+            return ChunkIndex(self.lens_array, parts, lambda s, j: np.minimum(j, parts - 1 - j))
+        return ChunkIndex(self.lens_array, parts, lambda s, j: j)
+
+
+@dataclass(frozen=True)
+class Select(Kind):
+    """Global row j is ``parent``'s row rows[j]; positions are the parent's."""
+
+    parent: Layout
+    rows: tuple[int, ...]
+
+    num_rows = property(lambda self: len(self.rows))  # type: ignore[assignment]
+    num_positions = property(lambda self: len(self.parent.ranks))  # type: ignore[assignment]
+
+    @cached_property
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(self.rows, _I64)
+        order = np.argsort(rows, kind="stable")
+        return rows[order], order
+
+    def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        sorted_rows, order = self._sorted
+        ps, pl = self.parent.runs(self.parent.ranks[pos])
+        lo = np.searchsorted(sorted_rows, ps, "left")
+        hi = np.searchsorted(sorted_rows, ps + pl, "left")
+        # within a parent run the local order is increasing parent row, so take matches in order
+        return runs_from_rows(order[expand_runs(lo, hi - lo)])
+
+
+@dataclass(frozen=True)
+class Nest(Kind):
+    """``outer``'s positions are groups; ``inner[g]`` lays out group g's rows (in its local order)
+    over real ranks; positions follow ``ranks``."""
+
+    outer: Layout
+    inner: tuple[Layout, ...]
+    ranks: tuple[int, ...]
+
+    num_rows = property(lambda self: self.outer.num_rows)  # type: ignore[assignment]
+    num_positions = property(lambda self: len(self.ranks))  # type: ignore[assignment]
+
+    @cached_property
+    def _group_of(self) -> dict[int, int]:
+        return {r: g for g, lay in enumerate(self.inner) for r in lay.ranks}
+
+    def runs(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        rank = self.ranks[pos]
+        g = self._group_of[rank]
+        return compose_runs(*self.inner[g].runs(rank), *self.outer.runs(self.outer.ranks[g]))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
 class Layout:
     """Rows and column range of a logical [num_rows, ..., num_cols] tensor held by each rank.
 
-    Build with the classmethods (``from_rows``, ``replicated``, ``contiguous``, ``dp``, ``cp``,
-    ``grid``) and ``select``/``nest``; modify with ``with_cols`` and ``as_partial``.
+    Build with the classmethods (``from_rows``, ``replicated``, ``contiguous``, ``dp``,
+    ``dp_by_rank``, ``cp``, ``grid``) and ``select``/``nest``; modify with ``with_cols`` and
+    ``as_partial``. ``kind`` places the rows on rank positions (``ranks[pos]``).
     """
 
-    def __init__(self, kind: str, spec: tuple[Any, ...], num_rows: int, ranks: tuple[int, ...],
+    def __init__(self, kind: Kind, ranks: tuple[int, ...],
                  cols: tuple[tuple[int, int], ...] | None = None, num_cols: int | None = None,
                  partial: bool = False) -> None:
-        self._kind, self._spec = kind, spec
-        self.num_rows, self.ranks = num_rows, ranks
+        if kind.num_positions != len(ranks):
+            raise ValueError(f"{type(kind).__name__} places rows on {kind.num_positions} positions, "
+                             f"but {len(ranks)} ranks were given")
+        self.kind, self.num_rows, self.ranks = kind, kind.num_rows, ranks
         self._cols, self.num_cols, self.partial = cols, num_cols, bool(partial)
-        self._key = (kind, spec, num_rows, ranks, cols, num_cols, self.partial)
+        self._key = (kind, ranks, cols, num_cols, self.partial)
         self._hash = hash(self._key)
+        self._rank_pos = {r: i for i, r in enumerate(ranks)}
+        # per-rank merged runs, filled on demand: at most one entry per rank of this layout
+        self._runs_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -193,6 +454,8 @@ class Layout:
         def stable(v: object) -> object:
             if isinstance(v, Layout):
                 return ("Layout", stable(v._key))
+            if isinstance(v, Kind):
+                return (type(v).__name__, *(stable(getattr(v, f.name)) for f in fields(v)))  # type: ignore[arg-type]
             if isinstance(v, tuple):
                 return tuple(stable(e) for e in v)
             return v
@@ -200,14 +463,14 @@ class Layout:
         return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
     def __setattr__(self, name: str, value: object) -> None:
-        if hasattr(self, "_hash"):
+        if hasattr(self, "_runs_cache"):
             raise AttributeError("Layout is immutable")
         object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:
         extra = (f", cols={dict(zip(self.ranks, self._cols))}" if self._cols else "") + (
             ", partial" if self.partial else "")
-        return f"Layout.{self._kind}(ranks={list(self.ranks)}, num_rows={self.num_rows}{extra})"
+        return f"Layout.{type(self.kind).__name__}(ranks={list(self.ranks)}, num_rows={self.num_rows}{extra})"
 
     # -- builders ---------------------------------------------------------------------------------
 
@@ -226,18 +489,21 @@ class Layout:
             _check_rows(arr, num_rows, r)
             s, n = runs_from_rows(arr)
             spec.append((tuple(s.tolist()), tuple(n.tolist())))
-        layout = cls("from_rows", tuple(spec), num_rows, ranks, partial=partial)
+        layout = cls(FromRows(num_rows, tuple(spec)), ranks, partial=partial)
         return layout.with_cols(cols, num_cols) if cols is not None or num_cols is not None else layout
 
     @classmethod
     def replicated(cls, ranks: Sequence[int], num_rows: int) -> Layout:
         """Every rank holds rows 0..num_rows-1."""
-        return cls("replicated", (), _check_int(num_rows, "num_rows"), _check_ranks(ranks))
+        ranks = _check_ranks(ranks)
+        return cls(Replicated(_check_int(num_rows, "num_rows"), len(ranks)), ranks)
 
     @classmethod
     def contiguous(cls, ranks: Sequence[int], num_rows: int) -> Layout:
         """Rows tensor_split into len(ranks) parts, part i to ranks[i]."""
-        return cls("contiguous", (), _check_int(num_rows, "num_rows"), _check_ranks(ranks))
+        ranks = _check_ranks(ranks)
+        num_rows = _check_int(num_rows, "num_rows")
+        return cls(Blocks(tuple(np.diff(split_points(num_rows, len(ranks))).tolist())), ranks)
 
     @classmethod
     def dp(cls, ranks: Sequence[int], sample_lens: Sequence[int], assign: str = "contiguous") -> Layout:
@@ -246,7 +512,21 @@ class Layout:
         lens = _check_lengths(sample_lens, "sample_lens")
         if assign not in ("contiguous", "round_robin", "balanced"):
             raise ValueError(f"unknown dp assign {assign!r}; expected contiguous, round_robin or balanced")
-        return cls("dp", (lens, assign), sum(lens), ranks)
+        return cls(DP(lens, len(ranks), assign), ranks)
+
+    @classmethod
+    def dp_by_rank(cls, lens_by_rank: Mapping[int, Sequence[int]]) -> Layout:
+        """Each rank holds its own samples: ``lens_by_rank`` maps rank -> its sample lengths (what
+        ``hpcomm.gather_lengths`` returns). Samples are ordered by ascending rank, each rank's in
+        its own order, so rank r holds one block of consecutive rows; ranks ascend."""
+        if not isinstance(lens_by_rank, Mapping):
+            raise TypeError(f"lens_by_rank must map rank -> sample lengths, got "
+                            f"{type(lens_by_rank).__name__}")
+        ranks = _check_ranks(sorted(_check_int(r, f"rank {r!r} of lens_by_rank")
+                                    for r in lens_by_rank), "ranks of lens_by_rank")
+        sizes = tuple(sum(_check_lengths(lens_by_rank[r], f"sample lengths of rank {r}"))
+                      for r in ranks)
+        return cls(Blocks(sizes), ranks)
 
     @classmethod
     def cp(cls, ranks: Sequence[int], seq_lens: Sequence[int], mode: str = "zigzag") -> Layout:
@@ -255,7 +535,7 @@ class Layout:
         lens = _check_lengths(seq_lens, "seq_lens")
         if mode not in ("zigzag", "contiguous"):
             raise ValueError(f"unknown cp mode {mode!r}; expected zigzag or contiguous")
-        return cls("cp", (lens, mode), sum(lens), ranks)
+        return cls(CP(lens, len(ranks), mode), ranks)
 
     def select(self, rows: RowsLike) -> Layout:
         """A layout whose global row j is this layout's row rows[j]; each rank keeps the selected rows
@@ -265,8 +545,8 @@ class Layout:
             _check_rows(arr, self.num_rows, "-", what="select rows")
         except ValueError as e:
             raise ValueError(str(e).replace(" of rank -", "")) from None
-        return Layout("select", (self, tuple(arr.tolist())), len(arr), self.ranks, self._cols,
-                      self.num_cols, self.partial)
+        return Layout(Select(self, tuple(arr.tolist())), self.ranks, self._cols, self.num_cols,
+                      self.partial)
 
     @classmethod
     def nest(cls, outer: Layout, inner: Sequence[Layout], ranks: Sequence[int] | None = None) -> Layout:
@@ -290,20 +570,16 @@ class Layout:
                 raise ValueError(f"ranks {list(order)} must be a permutation of the inner layouts' "
                                  f"ranks {list(all_ranks_t)}")
             all_ranks_t = order
-        with_cols = any(lay._cols is not None for lay in inner)
         cols = num_cols = None
-        if with_cols:
-            widths = {lay.num_cols for lay in inner if lay._cols is not None}
+        if any(lay.has_cols for lay in inner):
+            widths = {lay.num_cols for lay in inner if lay.has_cols}
             if len(widths) != 1:
                 raise ValueError(f"inner layouts disagree on num_cols: {sorted(widths)}")  # type: ignore[type-var]
             num_cols = widths.pop()
-            by_rank = {}
-            for lay in inner:
-                for r in lay.ranks:
-                    by_rank[r] = lay.cols(r) if lay._cols is not None else (0, num_cols)
+            by_rank = {r: lay.cols(r) or (0, num_cols) for lay in inner for r in lay.ranks}
             cols = tuple(by_rank[r] for r in all_ranks_t)
         # a layout with cols has num_cols, so by_rank holds (int, int) pairs
-        return cls("nest", (outer, inner), outer.num_rows, all_ranks_t, cols, num_cols)  # type: ignore[arg-type]
+        return cls(Nest(outer, inner, all_ranks_t), all_ranks_t, cols, num_cols)  # type: ignore[arg-type]
 
     @classmethod
     def grid(cls, seq_lens: Sequence[int], dp: int = 1, cp: int = 1, tp: int = 1,
@@ -349,7 +625,7 @@ class Layout:
         outer = cls.dp(range(dp), lens, dp_assign)
         dp_groups = []
         for d in range(dp):  # type: ignore[assignment]  # d was a dim name (str) above
-            group_lens = [lens[s] for s in outer._dp_samples(d)]  # type: ignore[arg-type]
+            group_lens = [lens[s] for s in outer.kind.samples(d)]  # type: ignore[attr-defined]
             cp_layout = cls.cp(range(cp), group_lens, cp_mode)
             tp_layouts = []
             for c in range(cp):
@@ -366,7 +642,7 @@ class Layout:
                     tp_layouts.append(lay)
             dp_groups.append(cls.nest(cp_layout, tp_layouts))
         layout = cls.nest(outer, dp_groups, ranks)
-        if num_cols is not None and layout._cols is None:
+        if num_cols is not None and not layout.has_cols:
             layout = layout.with_cols(None, num_cols)
         return layout
 
@@ -378,7 +654,7 @@ class Layout:
         num_cols = _check_int(num_cols, "num_cols")
         cols = dict(cols or {})
         for r in cols:
-            if r not in self.ranks:
+            if r not in self._rank_pos:
                 raise ValueError(f"cols names rank {r}, which is not in the layout's ranks "
                                  f"{list(self.ranks)}")
         out = []
@@ -393,13 +669,11 @@ class Layout:
             if c1 > num_cols:
                 raise ValueError(f"column range of rank {r} ({c0}, {c1}) goes beyond num_cols={num_cols}")
             out.append((c0, c1))
-        return Layout(self._kind, self._spec, self.num_rows, self.ranks, tuple(out), num_cols,
-                      self.partial)
+        return Layout(self.kind, self.ranks, tuple(out), num_cols, self.partial)
 
     def as_partial(self, partial: bool = True) -> Layout:
         """Holders of a row hold partial sums of it; a transform from here delivers the sum."""
-        return Layout(self._kind, self._spec, self.num_rows, self.ranks, self._cols, self.num_cols,
-                      partial)
+        return Layout(self.kind, self.ranks, self._cols, self.num_cols, partial)
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -409,8 +683,15 @@ class Layout:
 
     def cols(self, rank: int) -> tuple[int, int] | None:
         """(start, stop) of rank's columns on the last dim, or None for the whole dim."""
-        i = self.index(rank)
-        return None if self._cols is None else self._cols[i]
+        return self.cols_at(self.index(rank))
+
+    def cols_at(self, pos: int) -> tuple[int, int] | None:
+        """``cols`` of the rank at position ``pos`` of ``ranks``."""
+        return None if self._cols is None else self._cols[pos]
+
+    def has_rank(self, rank: int) -> bool:
+        """Whether ``rank`` is one of the layout's ranks (it may hold zero rows)."""
+        return rank in self._rank_pos
 
     def index(self, rank: int) -> int:
         """Position of ``rank`` in ``ranks``."""
@@ -419,24 +700,28 @@ class Layout:
         except (KeyError, TypeError):
             raise ValueError(f"rank {rank!r} is not in this layout's ranks {list(self.ranks)}") from None
 
-    @cached_property
-    def _rank_pos(self) -> dict[int, int]:
-        return {r: i for i, r in enumerate(self.ranks)}
-
     def runs(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """(starts, lengths) of rank's rows in local order, merged; empty if rank holds nothing."""
+        hit = self._runs_cache.get(rank)
+        if hit is not None:
+            return hit
         if rank not in self._rank_pos:
             return np.zeros(0, _I64), np.zeros(0, _I64)
-        cache = self._runs_cache
-        if rank not in cache:
-            s, n = merge_runs(*self._compute_runs(self._rank_pos[rank]))
-            s.flags.writeable = n.flags.writeable = False
-            cache[rank] = (s, n)
-        return cache[rank]
+        s, n = merge_runs(*self.kind.runs(self._rank_pos[rank]))
+        s.flags.writeable = n.flags.writeable = False
+        self._runs_cache[rank] = (s, n)
+        return s, n
+
+    def all_runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(position, start, length) of every rank's merged runs, by position then local order."""
+        return self._all_runs
 
     @cached_property
-    def _runs_cache(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        return {}
+    def _all_runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = self.kind.all_runs()
+        for a in out:
+            a.flags.writeable = False
+        return out
 
     def rows(self, rank: int) -> torch.Tensor:
         """Global row indices held by ``rank``, in local order (int64)."""
@@ -460,131 +745,21 @@ class Layout:
             local = local[..., c[0]:c[1]]
         return local
 
-    # -- per-kind runs ----------------------------------------------------------------------------
-
-    def _compute_runs(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        k, n = len(self.ranks), self.num_rows
-        kind, spec = self._kind, self._spec
-        if kind == "replicated":
-            return np.array([0], _I64), np.array([n], _I64)
-        if kind == "contiguous":
-            b = split_points(n, k)
-            return b[i:i + 1], b[i + 1:i + 2] - b[i:i + 1]
-        if kind == "from_rows":
-            s, l = spec[i]
-            return np.asarray(s, _I64), np.asarray(l, _I64)
-        if kind == "dp":
-            samples = self._dp_samples(i)
-            return self._offsets[samples], self._lens[samples]
-        if kind == "cp":
-            return self._cp_runs(i)
-        if kind == "select":
-            return self._select_runs(self.ranks[i])
-        if kind == "nest":
-            return self._nest_runs(self.ranks[i])
-        raise AssertionError(kind)
-
-    @cached_property
-    def _lens(self) -> np.ndarray:
-        return np.asarray(self._spec[0], _I64)
-
-    @cached_property
-    def _offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self._lens)[:-1]]).astype(_I64)
-
-    @cached_property
-    def _dp_owner(self) -> np.ndarray:
-        lens, assign = self._lens, self._spec[1]
-        k, s = len(self.ranks), len(lens)
-        if assign == "contiguous":
-            return np.repeat(np.arange(k), np.diff(split_points(s, k)))
-        if assign == "round_robin":
-            return np.arange(s) % k
-        owner = np.empty(s, _I64)
-        heap = [(0, r) for r in range(k)]  # (rows so far, position): ties go to the earlier rank
-        for sample in np.lexsort((np.arange(s), -lens)):
-            load, r = heapq.heappop(heap)
-            owner[sample] = r
-            heapq.heappush(heap, (load + int(lens[sample]), r))
-        return owner
-
-    def _dp_samples(self, i: int) -> np.ndarray:
-        """Sample indices held by rank position i, increasing (a dp layout's local order)."""
-        return np.flatnonzero(self._dp_owner == i)
-
-    def _cp_runs(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        lens, mode = self._lens, self._spec[1]
-        k = len(self.ranks)
-        parts = 2 * k if mode == "zigzag" else k
-        chunks = [i, parts - 1 - i] if mode == "zigzag" else [i]
-        base, extra = lens // parts, lens % parts
-        starts, lengths = [], []
-        for j in chunks:
-            starts.append(self._offsets + j * base + np.minimum(j, extra))
-            lengths.append(base + (j < extra))
-        # local order: for each sequence, chunk i then chunk parts-1-i
-        return np.stack(starts, 1).reshape(-1), np.stack(lengths, 1).reshape(-1)
-
-    @cached_property
-    def _select_sorted(self) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.asarray(self._spec[1], _I64)
-        order = np.argsort(rows, kind="stable")
-        return rows[order], order
-
-    def _select_runs(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        parent: Layout = self._spec[0]
-        sorted_rows, order = self._select_sorted
-        ps, pl = parent.runs(rank)
-        lo = np.searchsorted(sorted_rows, ps, "left")
-        hi = np.searchsorted(sorted_rows, ps + pl, "left")
-        # within a parent run the local order is increasing parent row, so take matches in order
-        picked = order[expand_runs(lo, hi - lo)]
-        return runs_from_rows(picked)
-
-    def _nest_runs(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        outer, inner = self._spec
-        for g, lay in zip(outer.ranks, inner):
-            if rank in lay._rank_pos:
-                return compose_runs(*lay.runs(rank), *outer.runs(g))
-        raise AssertionError(rank)
-
     # -- coverage and the holder index (used by the planner) ---------------------------------------
 
     def covered_runs(self) -> tuple[np.ndarray, np.ndarray]:
         """Sorted, disjoint runs of rows held by at least one rank."""
-        full = (np.array([0], _I64), np.array([self.num_rows], _I64))
-        if self._kind in ("replicated", "contiguous", "dp", "cp"):
+        if self.kind.covers_all():
+            full = (np.array([0], _I64), np.array([self.num_rows], _I64))
             return full if self.num_rows else (np.zeros(0, _I64), np.zeros(0, _I64))
-        starts = np.concatenate([self.runs(r)[0] for r in self.ranks])
-        lengths = np.concatenate([self.runs(r)[1] for r in self.ranks])
-        if len(starts) == 0:
-            return starts, lengths
-        order = np.argsort(starts, kind="stable")
-        starts, ends = starts[order], (starts + lengths)[order]
-        reach = np.maximum.accumulate(ends)
-        new = np.ones(len(starts), dtype=bool)
-        new[1:] = starts[1:] > reach[:-1]
-        heads = np.flatnonzero(new)
-        tails = np.append(heads[1:], len(starts)) - 1
-        return starts[heads], reach[tails] - starts[heads]
+        _, starts, lengths = self.all_runs()
+        return union_runs(starts, lengths)
 
     @cached_property
     def holder_index(self) -> HolderIndex | ChunkIndex:
         """Who holds which rows: closed form for the chunked kinds (cost proportional to what is
         asked, never to the world), a materialized index over every rank's runs otherwise."""
-        k, n = len(self.ranks), self.num_rows
-        if self._kind == "replicated":
-            return ChunkIndex(np.array([n], _I64), 1, lambda s, j: np.zeros_like(j), replicas=k)
-        if self._kind == "contiguous":
-            return ChunkIndex(np.array([n], _I64), k, lambda s, j: j)
-        if self._kind == "dp":
-            owner = self._dp_owner
-            return ChunkIndex(self._lens, 1, lambda s, j: owner[s])
-        if self._kind == "cp":
-            if self._spec[1] == "zigzag":
-                return ChunkIndex(self._lens, 2 * k, lambda s, j: np.minimum(j, 2 * k - 1 - j))
-            return ChunkIndex(self._lens, k, lambda s, j: j)
-        return HolderIndex(self)
+        return self.kind.holder_index(self)
 
 
 class ChunkIndex:
@@ -633,10 +808,8 @@ class HolderIndex:
     of interval b in increasing position."""
 
     def __init__(self, layout: Layout) -> None:
-        runs = [layout.runs(r) for r in layout.ranks]
-        starts = np.concatenate([s for s, _ in runs] + [np.zeros(0, _I64)])
-        ends = starts + np.concatenate([n for _, n in runs] + [np.zeros(0, _I64)])
-        owner = np.repeat(np.arange(len(runs), dtype=_I64), [len(s) for s, _ in runs])
+        owner, starts, lengths = layout.all_runs()
+        ends = starts + lengths
         self.bps = np.unique(np.concatenate([starts, ends, [0, layout.num_rows]])).astype(_I64)
         idx, _, _, bins = split_at(starts, ends, self.bps)
         order = np.lexsort((owner[idx], bins))

@@ -1,5 +1,6 @@
-"""Per-rank sequence metadata for attention kernels on a CP or DP destination layout, and padded CP
-layouts for kernels that need every sequence divisible by 2 * CP.
+"""Per-rank sequence metadata for attention kernels on a CP or DP destination layout, padded CP
+layouts for kernels that need every sequence divisible by 2 * CP, and ``gather_lengths``, which
+turns per-rank data loading into the global sample list.
 
 Rows are THD-packed tokens of sequences ``seq_lens`` (sequence s is rows ``offsets[s]`` ..
 ``offsets[s] + seq_lens[s] - 1``). ``seq_metadata`` describes a rank's local tensor: which
@@ -16,12 +17,15 @@ padded local size; to skip that copy, let the transform write there itself:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import cached_property
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from hpcomm.layout import Layout, _check_lengths, ragged_arange
 
@@ -118,3 +122,60 @@ def padded_cp(seq_lens: Sequence[int], ranks: Sequence[int], mode: str = "zigzag
         raise ValueError(f"multiple must be a positive int, got {multiple!r}")
     padded_lens = tuple(-(-n // multiple) * multiple for n in lens)
     return PaddedCP(lens, padded_lens, Layout.cp(ranks, padded_lens, mode))
+
+
+def gather_lengths(local_lens: Sequence[int] | torch.Tensor | np.ndarray, group: Any = None,
+                   timeout: float = 60.0) -> dict[int, list[int]]:
+    """Every rank's sample lengths, on every rank of ``group`` (default: the world).
+
+    Returns ``{global rank: its local_lens}`` in ascending rank order, so
+    ``Layout.dp_by_rank(result)`` is the layout of per-rank loaded samples and
+    ``[n for lens in result.values() for n in lens]`` the global sample order. Collective: a tiny
+    all_gather of (count, ok) per rank, then one of the lengths padded to the longest list. Bad
+    lengths on any rank raise on every rank, naming it; a rank that does not join within
+    ``timeout`` seconds turns into a TimeoutError instead of a hang.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("gather_lengths needs an initialized torch.distributed process group")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    rank = dist.get_rank()
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(
+        range(dist.get_world_size()))
+    error: Exception | None = None
+    try:
+        lens = _check_lengths(local_lens, f"local_lens of rank {rank}")
+    except (TypeError, ValueError) as e:  # still take part, so the other ranks learn who failed
+        error, lens = e, ()
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+    heads = _all_gather(torch.tensor([len(lens), error is None], dtype=torch.int64, device=device),
+                        group, timeout, rank, "counts")
+    if error is not None:
+        raise error
+    bad = [r for r, ok in zip(ranks, heads[:, 1].tolist()) if not ok]
+    if bad:
+        raise ValueError(f"gather_lengths: rank(s) {bad} passed invalid local_lens (their own error "
+                         f"names the value)")
+    counts = heads[:, 0].tolist()
+    body = torch.zeros(max(counts), dtype=torch.int64, device=device)
+    body[:len(lens)] = torch.tensor(lens, dtype=torch.int64)
+    table = _all_gather(body, group, timeout, rank, "lengths").tolist()
+    return {r: table[i][:counts[i]] for i, r in sorted(enumerate(ranks), key=lambda p: p[1])}
+
+
+def _all_gather(t: torch.Tensor, group: Any, timeout: float, rank: int, what: str) -> torch.Tensor:
+    """[group size, *t.shape]: t of every rank of the group, waiting at most ``timeout`` seconds."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    start = time.monotonic()
+    try:
+        dist.all_gather(parts, t, group=group, async_op=True).wait(timeout=timedelta(seconds=timeout))
+    except RuntimeError as e:
+        # gloo says "Operation timed out!"; other backends only tell by the clock
+        if "timed out" in str(e).lower() or time.monotonic() - start >= timeout:
+            raise TimeoutError(f"gather_lengths on rank {rank}: no answer within {timeout} s while "
+                               f"gathering the {what}; a rank of the group did not call it or "
+                               f"died") from e
+        raise RuntimeError(f"gather_lengths on rank {rank} failed while gathering the {what}: "
+                           f"{e}") from e
+    return torch.stack(parts)

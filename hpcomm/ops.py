@@ -1,83 +1,67 @@
-"""torch.library custom ops under ``hpcomm::``.
+"""torch.library custom ops under ``hpcomm::``; each is one call into the execution layer.
 
-- ``hpcomm::transform(x, anchor, handle)`` runs a registered Transform's forward on this rank;
-  its autograd backward is ``hpcomm::transform_backward(grad, handle)``, the collective that routes
-  the gradient back. Fake implementations give static output shapes from the layouts, so
-  ``torch.compile(fullgraph=True)`` traces through them. ``anchor`` is an empty tensor that requires
-  grad whenever grad mode is on: it keeps the output in the autograd graph on ranks whose own input
-  does not require grad (destination-only ranks), because their backward must still run to send
-  gradients to the sources.
-- ``hpcomm::pack(x, table, numel)`` gathers segments of a flat tensor into a new buffer and
-  ``hpcomm::unpack(buf, table, numel)`` scatters a buffer into a new zero-filled flat tensor; each is
-  the other's backward (tables as in ``hpcomm.segments``; backend "auto").
+- ``hpcomm::transform(x, anchor, handle, out_like)`` runs a transform's forward on this rank; its
+  autograd backward is ``hpcomm::transform_backward(grad, handle, in_shape)``, the collective that
+  routes the gradient back.
+- ``handle`` is a one-element int64 CPU tensor naming the transform's engine, and ``out_like`` a
+  zero-element tensor whose shape carries the output's size: ``[out_rows, 0]``, or
+  ``[out_rows, out_cols, 0]`` when the layouts split columns. Both are data, not constants, so a
+  compiled graph reads a new transform's sizes instead of specializing on them: a new layout every
+  step does not mean a new graph.
+- ``anchor`` is an empty tensor that requires grad whenever grad mode is on: it keeps the output in
+  the autograd graph on ranks whose own input does not require grad (destination-only ranks),
+  because their backward must still run to send gradients to the sources.
+
+The unit is the whole transform: the default gradient conventions are not transposes of forward,
+so pack/unpack pairs could not express them.
 """
 
 from __future__ import annotations
 
-import itertools
-import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 from torch._library.effects import EffectType
 
-from hpcomm import segments
-
-if TYPE_CHECKING:
-    from hpcomm.transform import Transform
-
-_transforms: "weakref.WeakValueDictionary[int, Transform]" = weakref.WeakValueDictionary()
-_next_handle = itertools.count()
+from hpcomm import engine
 
 
-def register_transform(transform: Transform) -> int:
-    """Give a Transform an integer handle that the custom ops can carry through a graph."""
-    handle = next(_next_handle)
-    _transforms[handle] = transform
-    return handle
-
-
-def _lookup(handle: int) -> Transform:
-    try:
-        return _transforms[handle]
-    except KeyError:
-        raise RuntimeError(f"hpcomm transform handle {handle} is not alive") from None
+def _output(x: torch.Tensor, rows: Any, cols: Any | None) -> torch.Tensor:
+    shape = (rows, *x.shape[1:]) if cols is None else (rows, *x.shape[1:-1], cols)
+    return x.new_empty(shape)
 
 
 @torch.library.custom_op("hpcomm::transform", mutates_args=())
-def transform(x: torch.Tensor, anchor: torch.Tensor, handle: int) -> torch.Tensor:
-    return _lookup(handle)._forward(x)
+def transform(x: torch.Tensor, anchor: torch.Tensor, handle: torch.Tensor, out_like: torch.Tensor) -> torch.Tensor:
+    y = engine.lookup(int(handle)).run(x, dist.get_rank(), False)
+    return y.clone() if y is x else y  # an op's output may not alias its input (identity)
 
 
 @transform.register_fake
-def _(x: torch.Tensor, anchor: torch.Tensor, handle: int) -> torch.Tensor:
-    # under torch.compile this is where inputs are checked: Transform.__call__'s own check reads
-    # cached plans (lru_cache, numpy), which Dynamo would trace instead of calling
-    t = _lookup(handle)
-    t._check(x, t._rank(), backward=False)
-    return x.new_empty(t._output_shape(x, backward=False))
+def _(x: torch.Tensor, anchor: torch.Tensor, handle: torch.Tensor, out_like: torch.Tensor) -> torch.Tensor:
+    return _output(x, out_like.shape[0], out_like.shape[1] if out_like.dim() == 3 else None)
 
 
 @torch.library.custom_op("hpcomm::transform_backward", mutates_args=())
-def transform_backward(grad: torch.Tensor, handle: int) -> torch.Tensor:
-    return _lookup(handle)._backward(grad)
+def transform_backward(grad: torch.Tensor, handle: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
+    return engine.lookup(int(handle)).backward(grad, dist.get_rank())
 
 
 @transform_backward.register_fake
-def _(grad: torch.Tensor, handle: int) -> torch.Tensor:
-    return grad.new_empty(_lookup(handle)._output_shape(grad, backward=True))
+def _(grad: torch.Tensor, handle: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
+    return grad.new_empty(in_shape)
 
 
 def _transform_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    ctx.handle = inputs[2]
-    ctx.transform = _lookup(inputs[2])  # keeps the transform alive as long as the graph
-    ctx.anchor_shape = inputs[1].shape
+    ctx.handle = inputs[2]  # the handle tensor keeps its engine alive (Transform sets that up)
+    ctx.in_shape = inputs[0].shape
 
 
-def _transform_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+def _transform_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
     # the anchor only keeps the output in the graph; its gradient is None (it lives on the CPU
     # whatever the data's device)
-    return transform_backward(grad.contiguous(), ctx.handle), None, None
+    return transform_backward(grad.contiguous(), ctx.handle, list(ctx.in_shape)), None, None, None
 
 
 transform.register_autograd(_transform_grad, setup_context=_transform_setup)
@@ -87,81 +71,3 @@ transform.register_autograd(_transform_grad, setup_context=_transform_setup)
 # wait for what it sends) nor reorder two of them (every rank must issue them in the same order).
 for _op in (torch.ops.hpcomm.transform.default, torch.ops.hpcomm.transform_backward.default):
     torch.library._register_effectful_op(_op, EffectType.ORDERED)
-
-
-# -- pack / unpack: the kernel contract as differentiable ops -----------------------------------
-
-
-def _apply(src: torch.Tensor, dst: torch.Tensor, table: torch.Tensor, accumulate: bool) -> None:
-    backend = segments.resolve_backend("auto", src.device)
-    segments.copy_segments(src, dst, table.to(src.device), accumulate, backend)
-
-
-@torch.library.custom_op("hpcomm::pack", mutates_args=())
-def pack(x: torch.Tensor, table: torch.Tensor, numel: int) -> torch.Tensor:
-    """x: flat [n]; table: [segments, 6] into a buffer of ``numel`` elements."""
-    buf = x.new_zeros(numel)
-    _apply(x.contiguous(), buf, table, False)
-    return buf
-
-
-@pack.register_fake
-def _(x: torch.Tensor, table: torch.Tensor, numel: int) -> torch.Tensor:
-    return x.new_empty(numel)
-
-
-@torch.library.custom_op("hpcomm::unpack", mutates_args=())
-def unpack(buf: torch.Tensor, table: torch.Tensor, numel: int) -> torch.Tensor:
-    """buf: flat; table: [segments, 6] from the buffer into a new zero-filled flat [numel].
-    Segments whose destinations overlap add up, one group after another in table order, so
-    unpack is exactly the transpose of pack (an element packed twice gets both gradients)."""
-    out = buf.new_zeros(numel)
-    for layer in _layers(table):
-        _apply(buf.contiguous(), out, layer, True)
-    return out
-
-
-@unpack.register_fake
-def _(buf: torch.Tensor, table: torch.Tensor, numel: int) -> torch.Tensor:
-    return buf.new_empty(numel)
-
-
-_SWAP = [1, 0, 2, 3, 5, 4]  # a table read backwards: destination and source columns exchanged
-
-
-def _layers(table: torch.Tensor) -> list[torch.Tensor]:
-    """Split a table into groups of segments with disjoint destinations (the kernel contract),
-    keeping table order within and across groups."""
-    rows = table.tolist()
-    spans = [(r[1], r[1] + (r[2] - 1) * r[5] + r[3]) if r[2] and r[3] else None for r in rows]
-    layers: list[list[int]] = []
-    taken: list[list[tuple[int, int]]] = []
-    for i, span in enumerate(spans):
-        for k, spans_k in enumerate(taken):
-            if span is None or all(span[1] <= a or b <= span[0] for a, b in spans_k):
-                layers[k].append(i)
-                if span is not None:
-                    spans_k.append(span)
-                break
-        else:
-            layers.append([i])
-            taken.append([span] if span is not None else [])
-    return [table[idx] for idx in layers]
-
-
-def _setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    ctx.table, ctx.numel = inputs[1], inputs[0].numel()
-
-
-def _pack_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-    # pack's backward is unpack: what was gathered is scattered back, adding repeated reads
-    return unpack(grad.contiguous(), ctx.table[:, _SWAP].contiguous(), ctx.numel), None, None
-
-
-def _unpack_grad(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-    # unpack's backward is pack: each output element gathers the gradient of what it received
-    return pack(grad.contiguous(), ctx.table[:, _SWAP].contiguous(), ctx.numel), None, None
-
-
-pack.register_autograd(_pack_grad, setup_context=_setup)
-unpack.register_autograd(_unpack_grad, setup_context=_setup)

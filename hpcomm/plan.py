@@ -20,17 +20,16 @@ send from every holder, and the destination adds the contributions in source-ran
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable, Sequence
+from functools import cached_property, lru_cache
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from hpcomm.layout import Layout, ragged_arange, split_at
+from hpcomm.layout import Layout, ragged_arange, split_at, union_runs
 
 _I64 = np.int64
 _Arrays4 = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-Choice = tuple[tuple[int, int, int], ...]  # ((holder, c0, c1), ...): see Plan.choose
-ChoiceKey = tuple[tuple[int, ...], int]  # (holders, dst_pos)
+Parts = tuple[tuple[int, int, int], ...]  # ((holder or destination position, c0, c1), ...)
 # (src rows, dst rows, num rows, src col, dst col, num cols, global rows) of local copies
 LocalPieces = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -62,6 +61,17 @@ class Segments:
 
 
 _EMPTY = Segments(*(np.zeros(0, _I64),) * 4)
+
+
+class Choice(NamedTuple):
+    """Who supplies a destination's columns of one row (see ``Plan.choose``).
+
+    parts: ((holder position, c0, c1), ...) in the order the contributions are applied.
+    adds: some element sums several partial holders' contributions.
+    """
+
+    parts: tuple[tuple[int, int, int], ...]
+    adds: bool
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,12 +133,18 @@ class Plan:
         self.col_mode = src.has_cols or dst.has_cols
         # in col_mode one of the layouts has cols, and with them num_cols: an int either way
         self.num_cols: int = (src.num_cols if src.has_cols else dst.num_cols) if self.col_mode else 1  # type: ignore[assignment]
-        self._choices: dict[ChoiceKey, Choice] = {}
-        self._adds: dict[ChoiceKey, bool] = {}  # (holders, dst_pos) -> whether some element sums several partials
+        # each rank's part, built on first request: at most one per rank of the transform
+        self._rank_plans: dict[int, RankPlan] = {}
         if not fill_missing:
             self._check_coverage()
             if src.has_cols:
                 self._check_column_coverage()
+        self._frozen = True
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError("Plan is immutable")
+        object.__setattr__(self, name, value)
 
     def _check_coverage(self) -> None:
         cs, cl = self.src.covered_runs()
@@ -173,13 +189,13 @@ class Plan:
     def cols_of(self, layout: Layout, pos: int) -> tuple[int, int]:
         if not self.col_mode:
             return (0, 1)
-        c = layout._cols[pos] if layout.has_cols else None  # type: ignore[index]  # has_cols: not None
+        c = layout.cols_at(pos)
         return c if c is not None else (0, self.num_cols)
 
     def width(self, layout: Layout, rank: int) -> int:
         """Local width in column units of ``rank`` in ``layout``; for a rank outside the layout the
         full width, the logical trailing shape a non-member passes."""
-        if rank not in layout._rank_pos:
+        if not layout.has_rank(rank):
             return self.num_cols if self.col_mode else 1
         c0, c1 = self.cols_of(layout, layout.index(rank))
         return c1 - c0
@@ -208,54 +224,79 @@ class Plan:
             return "all_gather"
         return None
 
+    def crosses_wire(self) -> bool:
+        """Whether some rank sends something to another rank (False: every rank at most copies
+        locally, so no transport is needed). Pure data: every rank reaches the same answer without
+        building the other ranks' plans. Cost: each destination rank's runs checked for containment
+        in the same rank's source runs; the holder index is read only for partial sources and for
+        fill_missing rows a rank does not hold itself."""
+        return self._crosses_wire
+
+    @cached_property
+    def _crosses_wire(self) -> bool:
+        src, dst = self.src, self.dst
+        for dpos, rank in enumerate(dst.ranks):
+            want = self.cols_of(dst, dpos)
+            starts, lengths = dst.runs(rank)
+            if want[0] == want[1] or not len(starts):
+                continue
+            ends = starts + lengths
+            spos = src.index(rank) if src.has_rank(rank) else -1
+            own = self.cols_of(src, spos) if spos >= 0 else (0, 0)
+            held = (spos >= 0 and own[0] <= want[0] and want[1] <= own[1]
+                    and _contained(starts, ends, *src.runs(rank)))
+            if not src.partial and (held or not self.fill_missing):
+                # without fill_missing every element has a source holder: a peer's unless held here
+                if not held:
+                    return True
+                continue
+            if self._peer_supplies(starts, ends, spos, want, own):
+                return True
+        return False
+
+    def _peer_supplies(self, starts: np.ndarray, ends: np.ndarray, spos: int, want: tuple[int, int],
+                       own: tuple[int, int]) -> bool:
+        """Whether ``choose`` gives a source holder other than ``spos`` (-1: none) some element of
+        the rows [starts, ends) x columns ``want`` of one destination rank."""
+        index = self.src.holder_index
+        _, _, _, bins = index.split(starts, ends)
+        for b in np.unique(bins).tolist():
+            holders = index.holders_of(b)
+            # columns a peer would supply: all (partial sums) or those this rank lacks
+            if self.src.partial or spos not in holders:
+                gaps = [want]
+            else:
+                gaps = [(want[0], min(want[1], own[0])), (max(want[0], own[1]), want[1])]
+            for h in holders:
+                h0, h1 = self.cols_of(self.src, h)
+                if h != spos and any(max(h0, g0) < min(h1, g1) for g0, g1 in gaps):
+                    return True
+        return False
+
     # -- the one rule both sides of every message apply --------------------------------------------
 
     def choose(self, holders: tuple[int, ...], dst_pos: int) -> Choice:
         """Who supplies which columns of a row whose source holders (positions in src.ranks) are
-        ``holders`` to destination position ``dst_pos``: ((holder, c0, c1), ...), in the order the
-        contributions are applied. Missing columns raise, or are left out with fill_missing."""
-        key = (holders, dst_pos)
-        hit = self._choices.get(key)
-        if hit is not None:
-            return hit
-        want0, want1 = self.cols_of(self.dst, dst_pos)
-        me = self.src._rank_pos.get(self.dst.ranks[dst_pos])
-        hcols = {h: self.cols_of(self.src, h) for h in holders}
-        cuts = sorted({want0, want1} | {c for h in holders for c in hcols[h] if want0 < c < want1})
-        out: list[tuple[int, int, int]] = []
-        self._adds[key] = False
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            covering = [h for h in holders if hcols[h][0] <= a and hcols[h][1] >= b]
-            if not covering:
-                if self.fill_missing:
-                    continue
-                raise _MissingColumns(a, b, self.dst.ranks[dst_pos])
-            if self.src.partial:
-                out.extend((h, a, b) for h in covering)
-                self._adds[key] |= len(covering) > 1
-            else:
-                h = me if me in covering else covering[dst_pos % len(covering)]
-                out.append((h, a, b))
-        # fuse adjacent windows of one holder, then order contributions by holder (rank order)
-        out.sort(key=lambda t: (t[0], t[1]))
-        fused: list[tuple[int, int, int]] = []
-        for h, a, b in out:
-            if fused and fused[-1][0] == h and fused[-1][2] == a:
-                fused[-1] = (h, fused[-1][1], b)
-            else:
-                fused.append((h, a, b))
-        result = tuple(fused)
-        self._choices[key] = result
-        return result
+        ``holders`` to destination position ``dst_pos``. Missing columns raise, or are left out
+        with fill_missing. A pure function of the columns involved (cached in ``_choose``)."""
+        rank = self.dst.ranks[dst_pos]
+        me = self.src.index(rank) if self.src.has_rank(rank) else -1
+        return _choose(tuple((h, *self.cols_of(self.src, h)) for h in holders),
+                       self.cols_of(self.dst, dst_pos), me, dst_pos, rank, self.src.partial,
+                       self.fill_missing)
 
     # -- per-rank plan ------------------------------------------------------------------------------
 
     def rank_plan(self, rank: int) -> RankPlan:
-        return _rank_plan(self, rank)
+        """Rank's part of the plan (built once per plan and rank)."""
+        hit = self._rank_plans.get(rank)
+        if hit is None:
+            hit = self._rank_plans[rank] = self._build(rank)
+        return hit
 
     def _build(self, rank: int) -> RankPlan:
         src, dst = self.src, self.dst
-        in_src, in_dst = rank in src._rank_pos, rank in dst._rank_pos
+        in_src, in_dst = src.has_rank(rank), dst.has_rank(rank)
         recvs, local_pairs, zero_fill, adds = self._receiver(rank) if in_dst else ({}, [], False, False)
         sends = self._sender(rank) if in_src else {}
         in_rows, out_rows = src.local_num_rows(rank), dst.local_num_rows(rank)
@@ -278,15 +319,9 @@ class Plan:
         local_off = np.cumsum(lengths) - lengths
         ridx, ps, pe, bins = index.split(starts, starts + lengths)
         dst_rows = local_off[ridx] + (ps - starts[ridx])
-        keys: list[ChoiceKey] = []
-
-        def choice(b: int) -> Choice:
-            keys.append((index.holders_of(b), dpos))
-            return self.choose(*keys[-1])
-
-        entries = self._expand(bins, choice)
-        adds = any(self._adds[k] for k in keys)
-        piece, holder, c0, c1 = entries
+        choices, (piece, holder, c0, c1) = self._expand(
+            bins, lambda b: self.choose(index.holders_of(b), dpos))
+        adds = any(c.adds for c in choices)
         dc1 = self.cols_of(dst, dpos)[1]
         got = np.bincount(piece, (pe[piece] - ps[piece]) * (c1 - c0), len(ps))
         short = got < (pe - ps) * (dc1 - dc0)
@@ -324,14 +359,14 @@ class Plan:
         dst_index = dst.holder_index
         dst_ranks = np.asarray(dst.ranks, _I64)
 
-        def mine(pair: tuple[int, int]) -> Choice:
+        def mine(pair: tuple[int, int]) -> Parts:
             sb, db = pair
             holders = src.holder_index.holders_of(sb)
             out: list[tuple[int, int, int]] = []
             for d in dst_index.holders_of(db):
                 if dst.ranks[d] == rank:
                     continue  # a local copy, planned by the receiving side of this rank
-                out.extend((d, a, b) for h, a, b in self.choose(holders, d) if h == spos)
+                out.extend((d, a, b) for h, a, b in self.choose(holders, d).parts if h == spos)
             return tuple(out)
 
         keys = np.stack([src_bins, d_bins], 1) if len(ps) else np.zeros((0, 2), _I64)
@@ -346,15 +381,15 @@ class Plan:
         return sends
 
     @staticmethod
-    def _expand(keys: np.ndarray, fn: Callable[[int], Choice]) -> _Arrays4:
-        """Evaluate ``fn`` once per distinct key and expand its (a, b, c) triples to every piece:
-        returns (piece index, a, b, c) arrays."""
+    def _expand(keys: np.ndarray, fn: Callable[[int], Choice]) -> tuple[list[Choice], _Arrays4]:
+        """Evaluate ``fn`` once per distinct key and expand its parts to every piece: returns the
+        choices and (piece index, holder, c0, c1) arrays."""
         uniq, inverse = np.unique(keys, return_inverse=True)
         results = [fn(int(k)) for k in uniq]
-        return _expand_results(results, inverse)
+        return results, _expand_results([c.parts for c in results], inverse)
 
     @staticmethod
-    def _expand_pairs(keys: np.ndarray, fn: Callable[[tuple[int, int]], Choice]) -> _Arrays4:
+    def _expand_pairs(keys: np.ndarray, fn: Callable[[tuple[int, int]], Parts]) -> _Arrays4:
         if len(keys) == 0:
             return (np.zeros(0, _I64),) * 4
         uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
@@ -362,7 +397,7 @@ class Plan:
         return _expand_results(results, inverse.reshape(-1))
 
 
-def _expand_results(results: Sequence[Choice], inverse: np.ndarray) -> _Arrays4:
+def _expand_results(results: Sequence[Parts], inverse: np.ndarray) -> _Arrays4:
     counts = np.array([len(r) for r in results], _I64)
     flat = np.array([t for r in results for t in r], _I64).reshape(-1, 3)
     first = np.cumsum(counts) - counts
@@ -370,6 +405,14 @@ def _expand_results(results: Sequence[Choice], inverse: np.ndarray) -> _Arrays4:
     piece = np.repeat(np.arange(len(inverse), dtype=_I64), per_piece)
     rows = flat[first[inverse][piece] + ragged_arange(per_piece)] if len(piece) else np.zeros((0, 3), _I64)
     return piece, rows[:, 0], rows[:, 1], rows[:, 2]
+
+
+def _contained(starts: np.ndarray, ends: np.ndarray, cover_starts: np.ndarray,
+               cover_lengths: np.ndarray) -> bool:
+    """Whether every range [starts, ends) lies inside the union of the cover runs."""
+    us, ul = union_runs(cover_starts, cover_lengths)
+    j = np.searchsorted(us, starts, "right") - 1
+    return bool(((j >= 0) & (ends <= (us + ul)[np.maximum(j, 0)])).all()) if len(us) else False
 
 
 def _local_rows(runs: tuple[np.ndarray, np.ndarray], global_rows: np.ndarray) -> np.ndarray:
@@ -416,12 +459,40 @@ def _local_segments(pairs: Sequence[LocalPieces]) -> tuple[Segments, Segments]:
     return Segments(src_row, n, scol, ncols), Segments(dst_row, n, dcol, ncols)
 
 
-@lru_cache(maxsize=4096)
-def _rank_plan(plan: Plan, rank: int) -> RankPlan:
-    return plan._build(rank)
+@lru_cache(maxsize=1 << 16)
+def _choose(holder_cols: tuple[tuple[int, int, int], ...], want: tuple[int, int], me: int,
+            dst_pos: int, dst_rank: int, partial: bool, fill_missing: bool) -> Choice:
+    """Plan.choose over explicit inputs: holder_cols ((holder, c0, c1), ...) in source-rank order,
+    the destination's window ``want``, its own source position ``me`` (-1: none)."""
+    want0, want1 = want
+    hcols = {h: (c0, c1) for h, c0, c1 in holder_cols}
+    cuts = sorted({want0, want1} | {c for h in hcols for c in hcols[h] if want0 < c < want1})
+    out: list[tuple[int, int, int]] = []
+    adds = False
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        covering = [h for h in hcols if hcols[h][0] <= a and hcols[h][1] >= b]
+        if not covering:
+            if fill_missing:
+                continue
+            raise _MissingColumns(a, b, dst_rank)
+        if partial:
+            out.extend((h, a, b) for h in covering)
+            adds |= len(covering) > 1
+        else:
+            h = me if me in covering else covering[dst_pos % len(covering)]
+            out.append((h, a, b))
+    # fuse adjacent windows of one holder, then order contributions by holder (rank order)
+    out.sort(key=lambda t: (t[0], t[1]))
+    fused: list[tuple[int, int, int]] = []
+    for h, a, b in out:
+        if fused and fused[-1][0] == h and fused[-1][2] == a:
+            fused[-1] = (h, fused[-1][1], b)
+        else:
+            fused.append((h, a, b))
+    return Choice(tuple(fused), adds)
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=64)
 def get_plan(src: Layout, dst: Layout, fill_missing: bool = False) -> Plan:
     """The cached plan for a layout pair (layouts are hashable)."""
     return Plan(src, dst, fill_missing)

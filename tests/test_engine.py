@@ -5,6 +5,8 @@ import torch
 import torch.distributed as dist
 
 from hpcomm import Layout, Transform
+from hpcomm.comm import PAYLOAD_TAG
+from hpcomm.segments import TorchBackend, register_backend
 from strategies import shard_all
 
 LENS = [9, 14, 3, 20]
@@ -102,13 +104,13 @@ def zero_copy_and_identity(rank, world_size):
     original = dist.batch_isend_irecv
 
     def recording(ops):
-        seen.extend(op.tensor.data_ptr() for op in ops if op.op is dist.isend)
+        seen.extend(op.tensor.data_ptr() for op in ops if op.op is dist.isend and op.tag == PAYLOAD_TAG)
         return original(ops)
 
     dist.batch_isend_irecv = recording
     try:
         t = Transform(Layout.cp(range(world_size), [32, 32], "contiguous"),
-                      Layout.contiguous(range(world_size), 64), collectives="off")
+                      Layout.contiguous(range(world_size), 64))
         xs = _local(t.src, big, rank)
         t(xs)
         t(xs)
@@ -116,7 +118,12 @@ def zero_copy_and_identity(rank, world_size):
         dist.batch_isend_irecv = original
     lo, hi = xs.data_ptr(), xs.data_ptr() + xs.numel() * 4
     views = bool(seen) and all(lo <= p < hi for p in seen)
-    reused = any(t._pool._free.values())
+    # messages that are not one block go through pooled buffers, handed back after each call
+    zigzag = Transform(Layout.cp(range(world_size), [32, 32], "zigzag"), Layout.contiguous(range(world_size), 64))
+    xz = _local(zigzag.src, big, rank)
+    first = zigzag(xz)
+    reused = any(zigzag._engine.pool._free.values()) and torch.equal(zigzag(xz), first)
+    
     return identity, bool((x.grad == 1).all()), views, reused
 
 
@@ -230,3 +237,39 @@ def test_out_sharing_memory_with_the_input_is_refused():
     ins = {r: lay.shard(torch.arange(16.0).view(8, 2), r) for r in (0, 1)}
     with pytest.raises(ValueError, match="rank 0: out shares memory with the input"):
         t.simulate(ins, out=ins)
+
+
+class Counting(TorchBackend):
+    """The reference kernels, counting table preparations and launches."""
+
+    name = "counting"
+
+    def __init__(self):
+        self.prepared = self.launched = 0
+
+    def _prepare(self, rows, device):
+        self.prepared += 1
+        return super()._prepare(rows, device)
+
+    def _launch(self, data, src, dst, accumulate):
+        self.launched += 1
+        super()._launch(data, src, dst, accumulate)
+
+
+def prepared_once(rank, world_size):
+    counting = Counting()
+    register_backend(counting)
+    t = Transform(Layout.cp(range(world_size), [40, 24], "zigzag"), Layout.dp(range(world_size), [40, 24]),
+                  backend="counting")
+    x = torch.randn(t.src.local_num_rows(rank), 8, requires_grad=True)
+    t(x).sum().backward()  # the first call of each direction prepares its tables
+    after_first = counting.prepared
+    for _ in range(99):
+        t(x).sum().backward()
+    return after_first, counting.prepared, counting.launched
+
+
+def test_tables_are_prepared_once_per_plan(world):
+    for rank, (first, total, launched) in enumerate(world(2).run(prepared_once)):
+        assert first > 0 and total == first, f"rank {rank}: {total} preparations for {first} tables"
+        assert launched >= 100, rank

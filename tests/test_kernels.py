@@ -8,9 +8,11 @@ inputs are finite. Triton runs on CPU tensors under TRITON_INTERPRET=1, set per 
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import shutil
 import subprocess
+from unittest import mock
 
 import pytest
 import torch
@@ -33,9 +35,9 @@ def _device(backend: str) -> torch.device:
     return torch.device("cuda" if backend == "cuda" else "cpu")
 
 
-def _backend_params():
+def _backend_params(names=tuple(n for n in segments.backend_names() if n != "torch")):
     params = []
-    for name in ("cpp", "cuda", "triton"):
+    for name in names:
         reason = None
         if not AVAILABLE[name]:
             reason = f"backend {name!r} not available in this build"
@@ -114,6 +116,39 @@ def test_random_tables_match_reference(backend, dtype, accumulate, data, seed):
         pytest.skip("float8 has no add; see test_float8_accumulate_raises")
     table, src_numel, dst_numel = data.draw(segment_tables(MAX_LINES[backend], MAX_ELEMS[backend]))
     _check_against_reference(backend, dtype, table, src_numel, dst_numel, accumulate, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float64], ids=str)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), seed=st.integers(0, 2**31))
+def test_cuda_item_arithmetic_matches_reference(dtype, data, seed):
+    """The CUDA kernel's work items (chunk_ends from the host prepare, work_item per item: the
+    shared header csrc/include/segment_index.h), walked on the CPU, cover every segment exactly."""
+    if not AVAILABLE["cpp"]:
+        pytest.skip("hpcomm._C not built")
+    from hpcomm import _C
+
+    table, src_numel, dst_numel = data.draw(segment_tables(MAX_LINES["cpp"], MAX_ELEMS["cpp"]))
+    src, dst = _fill(src_numel, dtype, seed, False), _fill(dst_numel, dtype, seed + 1, False)
+    expected = dst.clone()
+    segments.copy_segments_reference(src, expected, table)
+    ends = _C.chunk_ends(table)
+    assert torch.all(ends[1:] >= ends[:-1]) if len(ends) else True
+    _C.copy_segments_by_items(src, dst, table, ends)
+    assert torch.equal(dst.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_cuda_items_split_long_lines_and_group_short_ones():
+    if not AVAILABLE["cpp"]:
+        pytest.skip("hpcomm._C not built")
+    from hpcomm import _C
+
+    item = 16 * 1024  # kItemElems
+    table = torch.tensor([[0, 0, 1, 3 * item + 1, 0, 0],  # one long line: 4 column pieces
+                          [0, 0, 10, 7, 9, 7],  # short strided lines: one item
+                          [0, 0, 0, 5, 5, 5],  # empty: none
+                          [0, 0, 2 * item, 1, 3, 1]])  # 1-element lines: 2 items
+    assert _C.chunk_ends(table).tolist() == [4, 5, 5, 7]
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["copy", "accumulate"])
@@ -212,10 +247,167 @@ def test_triton_kernel_compiles_for_cuda(arch, dtype, accumulate):
 
     from hpcomm.triton_kernels import segment_copy
 
-    signature = {"src": dtype, "dst": dtype, "table": "*i64", "chunk_ends": "*i64", "num_segments": "i32",
-                 "line_bucket": "i32"}
+    signature = {"src": dtype, "dst": dtype, "table": "*i64", "chunk_ends": "*i64", "num_segments": "i32"}
     constexprs = {"PIECE": 8192, "ACCUMULATE": accumulate, "ROUND_VIA_FLOAT": False, "IS_BF16_BITS": accumulate,
                   "IS_BOOL": False, "BLOCK": 1024}
     source = ASTSource(triton.jit(segment_copy._segment_kernel),
                        {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs)
     assert "ld.global" in triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+
+
+ALL_BACKENDS = _backend_params(segments.backend_names())
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def any_backend(request, monkeypatch):
+    if request.param == "triton" and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return segments.get_backend(request.param, _device(request.param))
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    """Fails on any read of a tensor's values on the host, or a table check."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("apply read a tensor back to the host or checked the table")
+
+    names = ("cpu", "tolist", "item", "numpy", "__int__", "__index__", "__bool__", "__float__")
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(mock.patch.object(torch.Tensor, name, forbidden))
+        stack.enter_context(mock.patch.object(segments, "checked_table", forbidden))
+        stack.enter_context(mock.patch.object(segments, "table_extents", forbidden))
+        yield
+
+
+def test_prepare_once_apply_many_without_host_reads(any_backend):
+    """apply only launches: no value of any tensor is read on the host, the table is not checked
+    again, and prepare's work is not redone (counted)."""
+    device = _device(any_backend.name)
+    table = torch.tensor([[3, 0, 4, 5, 7, 5], [0, 20, 1, 40, 40, 40], [0, 60, 0, 9, 9, 9]])
+    calls = []
+    real_prepare = type(any_backend)._prepare
+
+    def counting_prepare(self, rows, dev):
+        calls.append(1)
+        return real_prepare(self, rows, dev)
+
+    with mock.patch.object(type(any_backend), "_prepare", counting_prepare):
+        prepared = any_backend.prepare(table, device)
+    assert calls == [1] and prepared.num_segments == 3
+    assert (prepared.src_extent, prepared.dst_extent) == (40, 60)
+    src = torch.arange(50, dtype=torch.float32, device=device)
+    out = torch.zeros(64, device=device)
+    expected = torch.zeros(64)
+    for accumulate in (False, True, True):
+        segments.copy_segments_reference(src.cpu(), expected, table, accumulate)
+    with _no_host_reads():
+        for accumulate in (False, True, True):
+            any_backend.apply(prepared, src, out, accumulate)
+    assert torch.equal(out.cpu(), expected)
+
+
+def test_triton_apply_is_one_launch_of_prepared_device_data(monkeypatch):
+    """The launch gets the prepared table and chunk_ends themselves (no copy, no cumsum per call)."""
+    if not AVAILABLE["triton"]:
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from hpcomm.triton_kernels import segment_copy
+
+    backend = segments.get_backend("triton", torch.device("cpu"))
+    prepared = backend.prepare(torch.tensor([[0, 0, 1, 20000, 1, 1], [0, 0, 3, 2, 4, 2]]), torch.device("cpu"))
+    launches = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    monkeypatch.setattr(segment_copy, "_kernel", lambda interpret: FakeKernel())
+    with _no_host_reads():
+        backend.apply(prepared, torch.zeros(20000), torch.zeros(20000), False)
+    (grid, args, kwargs), = launches
+    assert args[2] is prepared.data.table and args[3] is prepared.data.chunk_ends
+    # 20000 elements in pieces of 8192, then 3 strided lines; the interpreter caps the grid at 4
+    assert prepared.data.chunk_ends.tolist() == [3, 6] and grid == (4,)
+
+
+@pytest.mark.parametrize("short", ["src", "dst"])
+def test_prepared_extents_catch_small_buffers(any_backend, short):
+    device = _device(any_backend.name)
+    prepared = any_backend.prepare(torch.tensor([[2, 1, 3, 4, 6, 5]]), device)
+    assert (prepared.src_extent, prepared.dst_extent) == (18, 15)
+    src = torch.zeros(18 - (short == "src"), device=device)
+    dst = torch.zeros(15 - (short == "dst"), device=device)
+    with pytest.raises(IndexError, match="18 elements of src"):
+        any_backend.apply(prepared, src, dst, False)
+    any_backend.apply(prepared, torch.zeros(18, device=device), torch.zeros(15, device=device), False)
+
+
+def test_views_are_addressed_from_their_start(any_backend):
+    """Offsets count from the tensor, not from its storage (buffers are often slices of a pool)."""
+    device = _device(any_backend.name)
+    table = torch.tensor([[1, 2, 2, 3, 4, 3]])
+    src = torch.arange(30, dtype=torch.float32, device=device)[10:]
+    out = torch.zeros(40, device=device)
+    any_backend.apply(any_backend.prepare(table, device), src, out[5:], False)
+    expected = torch.zeros(40)
+    expected[7:13] = torch.tensor([11., 12., 13., 15., 16., 17.])
+    assert torch.equal(out.cpu(), expected)
+
+
+def test_torch_backend_converts_dtypes():
+    table = torch.tensor([[0, 1, 1, 3, 3, 3]])
+    out = torch.zeros(4, dtype=torch.bfloat16)
+    segments.copy_segments(torch.tensor([1.5, 2.25, 3.0]), out, table, backend="torch")
+    assert out.tolist() == [0.0, 1.5, 2.25, 3.0]
+    segments.copy_segments(torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64), out, table, True, backend="torch")
+    assert out.tolist() == [0.0, 2.5, 3.25, 4.0]
+
+
+def test_explicit_backend_errors(monkeypatch):
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown backend 'nccl'; known: auto, cuda, cpp, triton, torch"):
+        segments.get_backend("nccl", cpu)
+    if not AVAILABLE["cuda"]:
+        with pytest.raises(ValueError, match="'cuda' is not available in this build"):
+            segments.get_backend("cuda", cpu)
+    if AVAILABLE["cpp"]:
+        with pytest.raises(ValueError, match="'cpp' runs on cpu tensors, not cuda"):
+            segments.get_backend("cpp", torch.device("cuda"))
+    if AVAILABLE["triton"]:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            segments.get_backend("triton", cpu)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert segments.get_backend("triton", cpu).name == "triton"
+    assert segments.get_backend("auto", cpu).name == ("cpp" if AVAILABLE["cpp"] else "torch")
+    assert segments.get_backend("torch", torch.device("meta")).name == "torch"
+
+
+def test_malformed_tables_raise_in_prepare():
+    backend = segments.get_backend("torch", torch.device("cpu"))
+    with pytest.raises(TypeError, match="int64"):
+        backend.prepare(torch.zeros(1, 6, dtype=torch.int32), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"\[num_segments, 6\]"):
+        backend.prepare(torch.zeros(1, 5, dtype=torch.int64), torch.device("cpu"))
+    with pytest.raises(ValueError, match="segment 1 has a negative entry"):
+        backend.prepare(torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 1, 1, -1, 1]]), torch.device("cpu"))
+
+
+def test_registered_backend_is_known_but_never_auto(monkeypatch):
+    class Doubling(segments.Backend):
+        name = "doubling"
+        device_types = ("cpu",)
+
+        def _prepare(self, rows, device):
+            return rows
+
+        def _launch(self, data, src, dst, accumulate):
+            segments.copy_segments_reference(src * 2, dst, data, accumulate)
+
+    monkeypatch.setitem(segments._REGISTRY, "doubling", Doubling())
+    assert segments.backend_names()[-1] == "doubling" and segments.backends()["doubling"]
+    assert segments.get_backend("auto", torch.device("cpu")).name != "doubling"
+    out = torch.zeros(2)
+    segments.copy_segments(torch.ones(2), out, torch.tensor([[0, 0, 1, 2, 2, 2]]), backend="doubling")
+    assert out.tolist() == [2.0, 2.0]

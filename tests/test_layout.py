@@ -1,5 +1,9 @@
 """Layout builders against hand-computed examples and a brute-force reading of their definitions."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +132,13 @@ def test_shard_takes_rows_and_columns():
     lay = Layout.contiguous([0, 1], 6).with_cols({1: (1, 3)}, 4)
     assert torch.equal(lay.shard(x, 0), x[:3])
     assert torch.equal(lay.shard(x, 1), x[3:, 1:3])
+
+
+def test_fingerprint_is_stable_across_processes():
+    code = ("from hpcomm import Layout; l = Layout.cp([0, 1], [5, 7]); "
+            "print(Layout.nest(l, [Layout.replicated([0, 2], 6), Layout.contiguous([1], 6)])"
+            ".select([3, 1]).with_cols(None, 4).fingerprint())")
+    seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+            for seed in ("1", "2")}
+    assert len(seen) == 1

@@ -1,11 +1,14 @@
 """Sequence metadata and padded CP layouts against brute force: per-row Python loops over the
 packed sequences, and padded tensors built by padding each sequence and cutting it by hand."""
 
+import time
+
 import pytest
 import torch
 
 from hpcomm import Layout, Transform
-from hpcomm.metadata import padded_cp, seq_metadata
+from hpcomm.metadata import gather_lengths, padded_cp, seq_metadata
+from hpcomm.tools.launch import World
 
 LENS = [5, 7, 1, 16, 0, 9]
 
@@ -91,3 +94,74 @@ def test_bad_input():
     p = padded_cp([4, 3], [0, 1])
     with pytest.raises(ValueError, match="rank 0"):
         p.pad(torch.zeros(1, 2), 0)
+
+
+def _gather(rank, world_size, lens_by_rank, timeout=30.0):
+    return gather_lengths(lens_by_rank[rank], timeout=timeout)
+
+
+def _gather_and_layout(rank, world_size):
+    # each rank loads its own samples: rank r has r + 1 of them (rank 2: none)
+    mine = [] if rank == 2 else [10 * rank + i for i in range(rank + 1)]
+    by_rank = gather_lengths(torch.tensor(mine, dtype=torch.int32))
+    layout = Layout.dp_by_rank(by_rank)
+    seq_lens = [n for lens in by_rank.values() for n in lens]
+    return by_rank, layout.rows(rank).tolist(), seq_lens
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_gather_lengths_in_a_real_world(world, size):
+    lens = {r: [r + 1] * r + [0, 7] for r in range(size)}
+    for result in world(size).run(_gather, lens):
+        assert result == lens and list(result) == sorted(result)
+    if size == 4:
+        expect = {0: [0], 1: [10, 11], 2: [], 3: [30, 31, 32, 33]}
+        seq_lens = [0, 10, 11, 30, 31, 32, 33]
+        for rank, (by_rank, rows, got_lens) in enumerate(world(size).run(_gather_and_layout)):
+            assert by_rank == expect and got_lens == seq_lens
+            start = sum(sum(expect[r]) for r in range(rank))
+            assert rows == list(range(start, start + sum(expect[rank])))
+
+
+def _bad(rank, world_size):
+    try:
+        gather_lengths([3, -2] if rank == 1 else [4])
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_gather_lengths_bad_input_raises_on_every_rank(world):
+    messages = world(2).run(_bad)
+    assert "rank 1" in messages[1] and "-2" in messages[1]
+    assert "rank(s) [1]" in messages[0]
+
+
+def _late(rank, world_size):
+    time.sleep(3.0 * rank)  # rank 1 joins after rank 0 gave up
+    start = time.monotonic()
+    try:
+        gather_lengths([1], timeout=1.0)
+    except TimeoutError:
+        return time.monotonic() - start
+    return None
+
+
+def test_gather_lengths_times_out_instead_of_hanging():
+    with World(2) as w:  # its own world: a timed-out collective leaves the group unusable
+        waited = w.run(_late, timeout=60)
+    assert all(t is not None and t < 10 for t in waited), waited
+
+
+def test_dp_by_rank_matches_definition():
+    lay = Layout.dp_by_rank({3: [2, 1], 0: [4], 5: []})
+    assert lay.ranks == (0, 3, 5)
+    assert rows_of(lay) == {0: [0, 1, 2, 3], 3: [4, 5, 6], 5: []}
+    with pytest.raises(ValueError, match=r"sample lengths of rank 3\[1\] must be >= 0, got -1"):
+        Layout.dp_by_rank({3: [2, -1]})
+    with pytest.raises(TypeError, match="lens_by_rank"):
+        Layout.dp_by_rank([[1]])
+
+
+def rows_of(layout):
+    return {r: layout.rows(r).tolist() for r in layout.ranks}

@@ -32,18 +32,14 @@ def faulty(rank, world_size, fault, validate):
     x = src.shard(torch.randn(N, 4), rank)
     # a healthy call first: the first custom-op call in a process costs seconds of imports
     Transform(src, dst, timeout=60)(x)
-    # without validation no metadata crosses, so a different transform is caught only by the
-    # transport's own size checks: per-message on point-to-point, but a lowered all-to-all whose
-    # byte counts happen to agree completes; that case is validate=True's job (README)
-    collectives = "off" if fault == "different_transform" and not validate else "auto"
-    t = Transform(src, dst, timeout=TIMEOUT, validate=validate, collectives=collectives)
+    t = Transform(src, dst, timeout=TIMEOUT, validate=validate)
     if fault == "wrong_shard" and rank == 1:
         x = x[:-1]
     if fault == "exit" and rank == 3:
         os._exit(3)
     if fault == "different_transform" and rank == 0:
         t = Transform(src, Layout.cp(range(world_size), LENS, "contiguous"), timeout=TIMEOUT,
-                      validate=validate, collectives=collectives)
+                      validate=validate)
     start = time.monotonic()
     try:
         t(x)

@@ -36,9 +36,10 @@ struct Chunk {
 };
 
 // How a segment is cut into chunks: whole lines grouped, or one line split into column pieces.
+// Columns are in the segment's units (bytes for the CPU kernel, elements for the CUDA item numbering).
 struct ChunkShape {
   int64_t lines_per_chunk;
-  int64_t bytes_per_chunk_line;
+  int64_t cols_per_chunk_line;
   int64_t line_chunks;
   int64_t col_chunks;
 };
@@ -90,24 +91,24 @@ HPCOMM_HOST_DEVICE int64_t dst_line_offset(const Segment& s, int64_t line) {
   return s.dst_offset + line * s.dst_stride;
 }
 
-// Chunks of about target_bytes: short lines are grouped, long lines are split at multiples of
-// 16 bytes (and of elem_size, which divides 16) so that a column cut never splits an element or a
-// vector of an aligned line.
-HPCOMM_HOST_DEVICE ChunkShape chunk_shape(const Segment& s, int64_t target_bytes) {
+// Chunks of about `target` units: short lines are grouped, long lines are split at multiples of 16
+// units. In bytes, 16 is the vector width (and elem_size divides it); in elements, 16 elements are a
+// multiple of 16 bytes. Either way a column cut never splits an element or a vector of an aligned line.
+HPCOMM_HOST_DEVICE ChunkShape chunk_shape(const Segment& s, int64_t target) {
   ChunkShape c;
   if (s.num_lines == 0) {
     c.lines_per_chunk = 1;
-    c.bytes_per_chunk_line = 0;
+    c.cols_per_chunk_line = 0;
     c.line_chunks = 0;
     c.col_chunks = 0;
-  } else if (s.line_bytes >= target_bytes) {
+  } else if (s.line_bytes >= target) {
     c.lines_per_chunk = 1;
-    c.bytes_per_chunk_line = max_i64(kVectorBytes, target_bytes / kVectorBytes * kVectorBytes);
+    c.cols_per_chunk_line = max_i64(kVectorBytes, target / kVectorBytes * kVectorBytes);
     c.line_chunks = s.num_lines;
-    c.col_chunks = ceil_div(s.line_bytes, c.bytes_per_chunk_line);
+    c.col_chunks = ceil_div(s.line_bytes, c.cols_per_chunk_line);
   } else {
-    c.lines_per_chunk = max_i64(1, target_bytes / s.line_bytes);
-    c.bytes_per_chunk_line = s.line_bytes;
+    c.lines_per_chunk = max_i64(1, target / s.line_bytes);
+    c.cols_per_chunk_line = s.line_bytes;
     c.line_chunks = ceil_div(s.num_lines, c.lines_per_chunk);
     c.col_chunks = 1;
   }
@@ -122,8 +123,8 @@ HPCOMM_HOST_DEVICE Chunk chunk_bounds(const Segment& s, const ChunkShape& c, int
   Chunk ch;
   ch.line_begin = line_chunk * c.lines_per_chunk;
   ch.line_end = min_i64(s.num_lines, ch.line_begin + c.lines_per_chunk);
-  ch.col_begin = col_chunk * c.bytes_per_chunk_line;
-  ch.col_end = min_i64(s.line_bytes, ch.col_begin + c.bytes_per_chunk_line);
+  ch.col_begin = col_chunk * c.cols_per_chunk_line;
+  ch.col_end = min_i64(s.line_bytes, ch.col_begin + c.cols_per_chunk_line);
   return ch;
 }
 
@@ -146,6 +147,44 @@ HPCOMM_HOST_DEVICE int64_t find_segment(const int64_t* chunk_ends, int64_t num_s
 
 HPCOMM_HOST_DEVICE int64_t first_item(const int64_t* chunk_ends, int64_t segment) {
   return segment == 0 ? 0 : chunk_ends[segment - 1];
+}
+
+// The table-wide item numbering of the CUDA kernels. It counts in elements, not bytes, so that it
+// depends on the table alone: the host computes it once per table (prepare), before any dtype is
+// known, and the kernels read it for every dtype. kItemElems is 32 KiB of 2-byte elements.
+constexpr int64_t kItemElems = 16 * 1024;
+
+// Work items of segment i of an element table.
+HPCOMM_HOST_DEVICE int64_t segment_items(const int64_t* table, int64_t i) {
+  return num_chunks(chunk_shape(load_segment(table, i, 1), kItemElems));
+}
+
+// chunk_ends[i] = items of segments 0..i (inclusive prefix sums); returns the total.
+inline int64_t fill_chunk_ends(const int64_t* table, int64_t num_segments, int64_t* chunk_ends) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < num_segments; ++i) {
+    total += segment_items(table, i);
+    chunk_ends[i] = total;
+  }
+  return total;
+}
+
+// What work item `item` moves, in bytes: its segment and the chunk of it.
+struct WorkItem {
+  Segment seg;
+  Chunk chunk;
+};
+
+HPCOMM_HOST_DEVICE WorkItem work_item(const int64_t* table, const int64_t* chunk_ends, int64_t num_segments,
+                                      int64_t elem_size, int64_t item) {
+  const int64_t i = find_segment(chunk_ends, num_segments, item);
+  const Segment elems = load_segment(table, i, 1);
+  WorkItem w;
+  w.chunk = chunk_bounds(elems, chunk_shape(elems, kItemElems), item - first_item(chunk_ends, i));
+  w.chunk.col_begin *= elem_size;
+  w.chunk.col_end *= elem_size;
+  w.seg = load_segment(table, i, elem_size);
+  return w;
 }
 
 // 16-byte vectors are usable on the part of a line where src and dst reach a 16-byte boundary

@@ -26,21 +26,15 @@ enum class DType : int {
   kFloat8E5M2,
 };
 
-// Bytes a thread block aims to move per (segment, line chunk) work item.
-constexpr int64_t kChunkBytes = 32 * 1024;
-
-// Applying a [num_segments, 6] int64 segment table (see hpcomm/segments.py) that lives in device
-// memory takes two launches around a scan the caller does (torch's cumsum, say), all on `stream`
-// and without a host round trip:
-//   count_chunks(table, n, dtype, counts)    counts[i] = work items of segment i
-//   chunk_ends = inclusive prefix sum of counts
-//   copy_segments(src, dst, table, chunk_ends, n, dtype, accumulate)
-// src, dst: flat device buffers of `dtype`. accumulate adds in the dtype (half and bfloat16 through
-// float, integers wrapping, bool as or) and is undefined for float8, which the caller rejects.
-void count_chunks(const int64_t* table, int64_t num_segments, DType dtype, int64_t* chunk_counts, cudaStream_t stream);
-
+// Applies a [num_segments, 6] int64 segment table (see hpcomm/segments.py) in device memory: one
+// launch on `stream`, no allocation, no host round trip. chunk_ends (device, [num_segments]) holds the
+// inclusive prefix sums of the segments' work items and total_items its last entry, both computed
+// once per table on the host by fill_chunk_ends (csrc/include/segment_index.h), the arithmetic this
+// kernel numbers its items with. src, dst: flat device buffers of `dtype`. accumulate adds in the dtype
+// (half and bfloat16 through float, integers wrapping, bool as or) and is undefined for float8, which
+// the caller rejects. The table is trusted: the caller checked it once, against the buffer sizes too.
 void copy_segments(const void* src, void* dst, const int64_t* table, const int64_t* chunk_ends, int64_t num_segments,
-                   DType dtype, bool accumulate, cudaStream_t stream);
+                   int64_t total_items, DType dtype, bool accumulate, cudaStream_t stream);
 
 }  // namespace kernels
 }  // namespace hpcomm

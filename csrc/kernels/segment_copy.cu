@@ -1,6 +1,6 @@
 // CUDA kernels of the segment-table contract (hpcomm/segments.py). The grid strides over the
-// table's (segment, line chunk) work items (csrc/include/segment_index.h), numbered through the
-// prefix sums of the per-segment chunk counts, so a table of a million short rows and a table of one
+// table's (segment, line chunk) work items (work_item in csrc/include/segment_index.h), numbered
+// through the prefix sums of the per-segment item counts that the host computed once per table, so a table of a million short rows and a table of one
 // 1 GiB run both spread evenly over a grid sized to the GPU. A chunk of several lines gives each warp
 // a line; a chunk inside one long line spreads the whole block over it. Lines move as 16-byte vectors
 // wherever src and dst share their misalignment, with a scalar head and tail.
@@ -23,7 +23,6 @@ constexpr int kThreads = 256;
 constexpr int kWarpSize = 32;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kBlocksPerSm = 8;
-constexpr int64_t kMaxCountBlocks = 4096;
 
 void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
@@ -122,14 +121,6 @@ __device__ void apply_line(const uint8_t* s, uint8_t* d, int64_t bytes, int tid,
   Op::scalar(s + tail_at, d + tail_at, split.tail, tid, num_threads);
 }
 
-__global__ void count_chunks_kernel(const int64_t* __restrict__ table, int64_t num_segments, int64_t elem_size,
-                                    int64_t* __restrict__ chunk_counts) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < num_segments;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    chunk_counts[i] = num_chunks(chunk_shape(load_segment(table, i, elem_size), kChunkBytes));
-  }
-}
-
 template <typename Op>
 __global__ void __launch_bounds__(kThreads)
 segment_kernel(const uint8_t* __restrict__ src, uint8_t* __restrict__ dst, const int64_t* __restrict__ table,
@@ -138,9 +129,9 @@ segment_kernel(const uint8_t* __restrict__ src, uint8_t* __restrict__ dst, const
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   for (int64_t item = blockIdx.x; item < total; item += gridDim.x) {
-    const int64_t i = find_segment(chunk_ends, num_segments, item);
-    const Segment seg = load_segment(table, i, elem_size);
-    const Chunk c = chunk_bounds(seg, chunk_shape(seg, kChunkBytes), item - first_item(chunk_ends, i));
+    const WorkItem w = work_item(table, chunk_ends, num_segments, elem_size, item);
+    const Segment& seg = w.seg;
+    const Chunk& c = w.chunk;
     const int64_t col_bytes = c.col_end - c.col_begin;
     if (c.line_end - c.line_begin == 1) {
       apply_line<Op>(src + src_line_offset(seg, c.line_begin) + c.col_begin,
@@ -154,19 +145,20 @@ segment_kernel(const uint8_t* __restrict__ src, uint8_t* __restrict__ dst, const
   }
 }
 
-// Enough resident blocks to fill every SM; blocks beyond the table's work items exit at once.
-unsigned grid_blocks() {
+// Enough resident blocks to fill every SM, and no more blocks than work items. Host-side attribute
+// queries only: nothing here waits for the device.
+unsigned grid_blocks(int64_t total_items) {
   int device = 0;
   int num_sms = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return static_cast<unsigned>(num_sms * kBlocksPerSm);
+  return static_cast<unsigned>(min_i64(total_items, static_cast<int64_t>(num_sms) * kBlocksPerSm));
 }
 
 template <typename Op>
 void launch(const void* src, void* dst, const int64_t* table, const int64_t* chunk_ends, int64_t num_segments,
-            int64_t elem_size, cudaStream_t stream) {
-  segment_kernel<Op><<<grid_blocks(), kThreads, 0, stream>>>(static_cast<const uint8_t*>(src),
+            int64_t total_items, int64_t elem_size, cudaStream_t stream) {
+  segment_kernel<Op><<<grid_blocks(total_items), kThreads, 0, stream>>>(static_cast<const uint8_t*>(src),
                                                               static_cast<uint8_t*>(dst), table, chunk_ends,
                                                               num_segments, elem_size);
   check_cuda(cudaGetLastError(), "segment_kernel launch");
@@ -174,8 +166,8 @@ void launch(const void* src, void* dst, const int64_t* table, const int64_t* chu
 
 template <typename S, typename Add>
 void launch_accumulate(const void* src, void* dst, const int64_t* table, const int64_t* chunk_ends,
-                       int64_t num_segments, cudaStream_t stream) {
-  launch<AccumulateOp<S, Add>>(src, dst, table, chunk_ends, num_segments, sizeof(S), stream);
+                       int64_t num_segments, int64_t total_items, cudaStream_t stream) {
+  launch<AccumulateOp<S, Add>>(src, dst, table, chunk_ends, num_segments, total_items, sizeof(S), stream);
 }
 
 int64_t dtype_size(DType dtype) {
@@ -197,45 +189,38 @@ int64_t dtype_size(DType dtype) {
 
 }  // namespace
 
-void count_chunks(const int64_t* table, int64_t num_segments, DType dtype, int64_t* chunk_counts,
-                  cudaStream_t stream) {
-  if (num_segments == 0) return;
-  const unsigned blocks = static_cast<unsigned>(min_i64(ceil_div(num_segments, kThreads), kMaxCountBlocks));
-  count_chunks_kernel<<<blocks, kThreads, 0, stream>>>(table, num_segments, dtype_size(dtype), chunk_counts);
-  check_cuda(cudaGetLastError(), "count_chunks_kernel launch");
-}
-
 void copy_segments(const void* src, void* dst, const int64_t* table, const int64_t* chunk_ends, int64_t num_segments,
-                   DType dtype, bool accumulate, cudaStream_t stream) {
-  if (num_segments == 0) return;
+                   int64_t total_items, DType dtype, bool accumulate, cudaStream_t stream) {
+  if (total_items == 0) return;
   if (!accumulate) {
-    launch<CopyOp>(src, dst, table, chunk_ends, num_segments, dtype_size(dtype), stream);
+    launch<CopyOp>(src, dst, table, chunk_ends, num_segments, total_items, dtype_size(dtype), stream);
     return;
   }
   const auto* t = table;
   const auto* e = chunk_ends;
   const int64_t n = num_segments;
+  const int64_t items = total_items;
   switch (dtype) {
     case DType::kFloat32:
-      return launch_accumulate<float, AddNative<float>>(src, dst, t, e, n, stream);
+      return launch_accumulate<float, AddNative<float>>(src, dst, t, e, n, items, stream);
     case DType::kFloat64:
-      return launch_accumulate<double, AddNative<double>>(src, dst, t, e, n, stream);
+      return launch_accumulate<double, AddNative<double>>(src, dst, t, e, n, items, stream);
     case DType::kFloat16:
-      return launch_accumulate<uint16_t, AddHalf>(src, dst, t, e, n, stream);
+      return launch_accumulate<uint16_t, AddHalf>(src, dst, t, e, n, items, stream);
     case DType::kBFloat16:
-      return launch_accumulate<uint16_t, AddBFloat16>(src, dst, t, e, n, stream);
+      return launch_accumulate<uint16_t, AddBFloat16>(src, dst, t, e, n, items, stream);
     case DType::kInt8:
-      return launch_accumulate<int8_t, AddWrapping<int8_t, uint8_t>>(src, dst, t, e, n, stream);
+      return launch_accumulate<int8_t, AddWrapping<int8_t, uint8_t>>(src, dst, t, e, n, items, stream);
     case DType::kUInt8:
-      return launch_accumulate<uint8_t, AddWrapping<uint8_t, uint8_t>>(src, dst, t, e, n, stream);
+      return launch_accumulate<uint8_t, AddWrapping<uint8_t, uint8_t>>(src, dst, t, e, n, items, stream);
     case DType::kInt16:
-      return launch_accumulate<int16_t, AddWrapping<int16_t, uint16_t>>(src, dst, t, e, n, stream);
+      return launch_accumulate<int16_t, AddWrapping<int16_t, uint16_t>>(src, dst, t, e, n, items, stream);
     case DType::kInt32:
-      return launch_accumulate<int32_t, AddWrapping<int32_t, uint32_t>>(src, dst, t, e, n, stream);
+      return launch_accumulate<int32_t, AddWrapping<int32_t, uint32_t>>(src, dst, t, e, n, items, stream);
     case DType::kInt64:
-      return launch_accumulate<int64_t, AddWrapping<int64_t, uint64_t>>(src, dst, t, e, n, stream);
+      return launch_accumulate<int64_t, AddWrapping<int64_t, uint64_t>>(src, dst, t, e, n, items, stream);
     case DType::kBool:
-      return launch_accumulate<uint8_t, AddBool>(src, dst, t, e, n, stream);
+      return launch_accumulate<uint8_t, AddBool>(src, dst, t, e, n, items, stream);
     default:
       throw std::invalid_argument("hpcomm: accumulate is not defined for float8 segment copies");
   }

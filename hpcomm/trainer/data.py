@@ -124,19 +124,14 @@ class ManifestDataset:
 
 @dataclass
 class Batch:
-    """One packed micro-batch, global (every rank builds the same one and takes its rows)."""
+    """Packed samples: one rank's own samples of a micro-batch (or, in one process, all of them)."""
     tokens: torch.Tensor        # [T] int64
     targets: torch.Tensor       # [T] int64 next token, IGNORE where there is no loss
     positions: torch.Tensor     # [T] position of each row within its sample
     seq_lens: list[int]         # tokens per sample
-    image_rows: torch.Tensor    # [N] rows of the IMG tokens, in order of appearance
     patches: torch.Tensor       # [N, 3 * patch * patch] pixels, image after image
     patch_grid: torch.Tensor    # [N, 2] (row, col) of each patch in its image
     patch_counts: list[int]     # patches per image
-
-    @property
-    def num_targets(self) -> int:
-        return int((self.targets != IGNORE).sum())
 
 
 def patchify(image: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,38 +144,60 @@ def patchify(image: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tenso
     return x, grid.reshape(-1, 2)
 
 
+def prompt(num_patches: int) -> list[int]:
+    """The tokens before a caption: BOS and one IMG token per patch."""
+    return [BOS] + [IMG] * num_patches
+
+
 def pack(samples: list[Sample], patch: int, max_text: int = 64) -> Batch:
     tokens: Any  # the token ids as a list, then as a tensor
     positions: list[int]
     tokens, positions, seq_lens, patches, grids, counts = [], [], [], [], [], []
     for sample in samples:
         p, g = patchify(sample.image, patch)
-        seq = [BOS] + [IMG] * len(p) + encode(sample.text)[:max_text] + [EOS]
+        seq = prompt(len(p)) + encode(sample.text)[:max_text] + [EOS]
         tokens += seq
         positions += range(len(seq))
         seq_lens.append(len(seq))
         patches.append(p)
         grids.append(g)
         counts.append(len(p))
-    tokens = torch.tensor(tokens)
+    tokens = torch.tensor(tokens, dtype=torch.int64)
     targets = torch.full_like(tokens, IGNORE)
     targets[:-1] = tokens[1:]
-    ends = torch.tensor(seq_lens).cumsum(0) - 1
-    targets[ends] = IGNORE  # no prediction across samples
+    if seq_lens:
+        targets[torch.tensor(seq_lens).cumsum(0) - 1] = IGNORE  # no prediction across samples
     targets[targets == IMG] = IGNORE  # image tokens are inputs, never predicted
-    return Batch(tokens, targets, torch.tensor(positions), seq_lens,
-                 (tokens == IMG).nonzero().squeeze(1), torch.cat(patches), torch.cat(grids), counts)
+    width = 3 * patch * patch
+    return Batch(tokens, targets, torch.tensor(positions, dtype=torch.int64), seq_lens,
+                 torch.cat(patches) if patches else torch.zeros(0, width),
+                 torch.cat(grids) if grids else torch.zeros(0, 2, dtype=torch.int64), counts)
 
 
-def micro_batches(dataset: SyntheticDataset | ManifestDataset, step: int, batch_size: int,
-                  num_micro: int, patch: int, seed: int) -> list[Batch]:
-    """The global batch of `step` (batch_size samples) as num_micro packed micro-batches
-    (tensor_split of the sample list). A finite dataset is read in a seeded permutation per epoch;
-    the synthetic one is infinite and read in order."""
+def step_indices(dataset: SyntheticDataset | ManifestDataset, step: int, batch_size: int,
+                 num_micro: int, seed: int) -> list[list[int]]:
+    """Dataset indices of `step`'s batch_size samples, as num_micro micro-batches (tensor_split
+    of the sample list). Index arithmetic only: nothing is read. A finite dataset is read in a
+    seeded permutation per epoch; the synthetic one is infinite and read in order."""
     indices = torch.arange(step * batch_size, (step + 1) * batch_size)
     if hasattr(dataset, "__len__"):
         n = len(dataset)
         epochs = {int(e): torch.randperm(n, generator=torch.Generator().manual_seed(seed + int(e)))
                   for e in (indices // n).unique()}
         indices = torch.stack([epochs[int(i) // n][int(i) % n] for i in indices])
-    return [pack([dataset[int(i)] for i in part], patch) for part in indices.tensor_split(num_micro)]
+    return [part.tolist() for part in indices.tensor_split(num_micro)]
+
+
+def rank_share(parts: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """The samples `rank` reads of each micro-batch: its contiguous tensor_split part of the
+    step's samples, cut at the micro-batch boundaries. Contiguous parts make the global order
+    (ascending rank, then each rank's own order) the dataset order."""
+    n = sum(len(part) for part in parts)
+    quotient, remainder = divmod(n, world_size)
+    lo = rank * quotient + min(rank, remainder)
+    hi = lo + quotient + (rank < remainder)
+    out, start = [], 0
+    for part in parts:
+        out.append(part[max(lo - start, 0):max(hi - start, 0)])
+        start += len(part)
+    return out

@@ -1,5 +1,5 @@
-"""Apply DP x CP x TP (with sequence parallelism) to one unparallel module, after the fact, the way
-torchtitan's parallelize_llama does.
+"""Apply DP x CP x TP (with sequence parallelism) and PP to one unparallel module, after the fact,
+the way torchtitan's parallelize_llama and pipeline_llama do.
 
 - TP: Megatron column-parallel wq/wk/wv/w1 (output features split, whole heads per rank) and
   row-parallel wo/w2 (input features split). Sequence parallelism: between the TP regions every
@@ -10,14 +10,21 @@ torchtitan's parallelize_llama does.
   implementation is causal-correct across zigzag chunks and sample boundaries, and non-causal for
   the encoder.
 - DP: whole samples per rank; gradients are summed over the module's own ranks (see reduce_grads).
+- PP (the LLM): consecutive blocks per stage (pipeline_split); stage s holds ranks
+  [s * n, (s + 1) * n) of the module's ranks and is a DP x CP x TP mesh of its own.
+- compile (apply_compile): each block under torch.compile with dynamic shapes; the collectives
+  and the per-sample attention loop stay eager, so layouts that change every step do not recompile.
 
-All row bookkeeping comes from hpcomm layouts; the SP and CP collectives are hpcomm transforms.
+All row bookkeeping comes from hpcomm layouts; the SP and CP collectives are hpcomm transforms,
+installed as forward hooks on the unparallel modules (the model has no parallelism hooks of its own).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TypeVar
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,7 +32,7 @@ from torch import nn
 
 from hpcomm import Layout, Transform
 
-from .model import AttnContext, Block, packed_mask
+from .model import LLM, AttnContext, Block, segments
 
 _M = TypeVar("_M", bound=nn.Module)
 
@@ -35,24 +42,36 @@ class ParallelDims:
     dp: int = 1
     cp: int = 1
     tp: int = 1
+    pp: int = 1
 
     @classmethod
     def parse(cls, text: str) -> "ParallelDims":
-        """'dp=2,tp=2' -> ParallelDims(dp=2, cp=1, tp=2)."""
+        """'dp=2,tp=2' -> ParallelDims(dp=2, cp=1, tp=2, pp=1)."""
         dims = {}
         for item in filter(None, text.replace(" ", "").split(",")):
             key, _, value = item.partition("=")
-            if key not in ("dp", "cp", "tp") or not value.isdigit() or int(value) < 1:
-                raise ValueError(f"bad parallel degree {item!r} in {text!r} (want dp=,cp=,tp= >= 1)")
+            if key not in ("dp", "cp", "tp", "pp") or not value.isdigit() or int(value) < 1:
+                raise ValueError(f"bad parallel degree {item!r} in {text!r} "
+                                 "(want dp=,cp=,tp=,pp= >= 1)")
             dims[key] = int(value)
         return cls(**dims)
 
     @property
     def size(self) -> int:
-        return self.dp * self.cp * self.tp
+        return self.dp * self.cp * self.tp * self.pp
+
+    @property
+    def stage(self) -> "ParallelDims":
+        """The degrees of one pipeline stage."""
+        return replace(self, pp=1)
+
+    def stage_ranks(self, ranks: list[int]) -> list[list[int]]:
+        """The ranks of each pipeline stage: PP is the slowest dim (Megatron's order)."""
+        n = self.stage.size
+        return [ranks[s * n:(s + 1) * n] for s in range(self.pp)]
 
     def __str__(self) -> str:
-        return f"dp={self.dp},cp={self.cp},tp={self.tp}"
+        return f"dp={self.dp},cp={self.cp},tp={self.tp}" + (f",pp={self.pp}" if self.pp > 1 else "")
 
 
 class Mesh:
@@ -61,6 +80,8 @@ class Mesh:
     Must be built on every rank of the world, in the same order, because new_group is collective."""
 
     def __init__(self, dims: ParallelDims, ranks: list[int], rank: int) -> None:
+        if dims.pp != 1:
+            raise ValueError(f"a Mesh is one pipeline stage; got {dims}")
         if dims.size != len(ranks):
             raise ValueError(f"degrees {dims} multiply to {dims.size}, but the module has "
                              f"{len(ranks)} ranks {ranks}")
@@ -93,20 +114,70 @@ class Mesh:
 
 # ---------------------------------------------------------------- collectives
 # The model's own collectives are hpcomm transforms too, built per micro-batch by attn_context
-# from the layouts (so ragged row counts need no padding and no size handshake). With the default
-# gradient semantics the SP gather's backward is a reduce-scatter, the reduce-scatter's (a partial
-# source) an all-gather, and the CP K/V gather's a reduce-scatter of the key/value gradients.
+# from the layouts (so ragged row counts need no padding and no size handshake). The gathers'
+# replicas hold partial gradients (each TP rank's heads, each CP rank's queries), so they sum them
+# (grad="sum"): the SP gather's backward is a reduce-scatter, the CP K/V gather's a reduce-scatter
+# of the key/value gradients; the reduce-scatter's (a partial source) is an all-gather.
+# They run eagerly under torch.compile, between graph pieces: their timing (CommClock) is host code.
 
+
+class CommClock:
+    """Seconds this rank spends inside communication calls, forward and backward, by kind
+    ("boundary", "pipeline", "model", "grads"); they include the time waiting for peers."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, kind: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """fn timed in forward and (through autograd node hooks) in backward."""
+        def call(x: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+            start = time.perf_counter()
+            y = fn(x, **kwargs)
+            self.seconds[kind] += time.perf_counter() - start
+            if y.grad_fn is not None:
+                started: list[float] = []
+                y.grad_fn.register_prehook(lambda grads: started.append(time.perf_counter()))
+                y.grad_fn.register_hook(lambda grads_in, grads_out: self._add(kind, started))
+            return y
+        return call
+
+    def _add(self, kind: str, started: list[float]) -> None:
+        self.seconds[kind] += time.perf_counter() - started[-1]
+
+
+@torch.compiler.disable
 def sp_gather(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
     return ctx.sp_gather(x)  # type: ignore[misc]  # set by attn_context when tp > 1
 
 
+@torch.compiler.disable
 def sp_reduce_scatter(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
     return ctx.sp_reduce_scatter(x)  # type: ignore[misc]  # set by attn_context when tp > 1
 
 
+@torch.compiler.disable
 def cp_gather(x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
     return ctx.cp_gather(x)  # type: ignore[misc]  # set by attn_context when cp > 1
+
+
+# Module hooks (torchtitan's PrepareModuleInput / PrepareModuleOutput): args are (x, ctx) for a
+# TP region and (q, kv, ctx) for the core attention. The collectives are looked up when called.
+
+def _enter_tp_region(module: nn.Module, args: tuple[torch.Tensor, AttnContext]
+                     ) -> tuple[torch.Tensor, AttnContext]:
+    x, ctx = args
+    return sp_gather(x, ctx), ctx
+
+
+def _leave_tp_region(module: nn.Module, args: tuple[torch.Tensor, AttnContext],
+                     out: torch.Tensor) -> torch.Tensor:
+    return sp_reduce_scatter(out, args[1])
+
+
+def _gather_kv(module: nn.Module, args: tuple[torch.Tensor, torch.Tensor, AttnContext]
+               ) -> tuple[torch.Tensor, torch.Tensor, AttnContext]:
+    q, kv, ctx = args  # K and V travel together: one collective
+    return q, cp_gather(kv, ctx), ctx
 
 
 # ---------------------------------------------------------------- applying the parallelism
@@ -134,10 +205,11 @@ def parallelize(module: _M, mesh: Mesh) -> _M:
                 _shard(linear, 0, tp_rank, tp)
             for linear in (attn.wo, mlp.w2):
                 _shard(linear, 1, tp_rank, tp)
-            attn.enter = mlp.enter = sp_gather
-            attn.exit = mlp.exit = sp_reduce_scatter
+            for region in (attn, mlp):
+                region.register_forward_pre_hook(_enter_tp_region)
+                region.register_forward_hook(_leave_tp_region)
         if mesh.dims.cp > 1:
-            attn.gather_kv = cp_gather
+            attn.core.register_forward_pre_hook(_gather_kv)
     return module
 
 
@@ -160,26 +232,55 @@ def reduce_grads(module: nn.Module, mesh: Mesh) -> None:
             p.grad.copy_(g.view_as(p))  # type: ignore[union-attr]
 
 
-def attn_context(layout: Layout, mesh: Mesh, seq_of_row: torch.Tensor, causal: bool) -> AttnContext:
-    """Mask and collectives of this rank for one micro-batch whose rows follow `layout` (the
-    module's Layout.grid). Queries are this CP rank's rows (its TP peers' SP rows, in order), keys
-    every CP peer's query rows, so the mask comes from the very rows the gathers deliver. Each
-    collective is a transform between two descriptions of the same global rows."""
+def pipeline_split(llm: LLM, stage: int, num_stages: int) -> LLM:
+    """Keep this stage's share of `llm` in place: consecutive blocks (tensor_split), the embeddings
+    on the first stage, the final norm and head on the last."""
+    keys = list(llm.blocks.keys())
+    if len(keys) < num_stages:
+        raise ValueError(f"pp={num_stages} needs at least as many LLM layers ({len(keys)})")
+    mine = {keys[i] for i in torch.arange(len(keys)).tensor_split(num_stages)[stage].tolist()}
+    for key in keys:
+        if key not in mine:
+            del llm.blocks[key]
+    if stage > 0:
+        llm.tok_embed = llm.pos_embed = None
+    if stage < num_stages - 1:
+        llm.norm = llm.head = None
+    return llm
+
+
+def apply_compile(module: nn.Module, backend: str = "inductor") -> None:
+    """Compile each block (torchtitan's apply_compile). Row counts change every step, so shapes
+    are dynamic from the start; the collectives and the per-sample attention graph-break."""
+    for block in module.modules():
+        if isinstance(block, Block):
+            block.compile(backend=backend, dynamic=True)
+
+
+def attn_context(layout: Layout, mesh: Mesh, seq_of_row: torch.Tensor, causal: bool,
+                 clock: CommClock) -> AttnContext:
+    """Segments and collectives of this rank for one micro-batch whose rows follow `layout` (the
+    module's Layout.grid, or any layout over the same mesh). Queries are this CP rank's rows (its
+    TP peers' SP rows, in order), keys every CP peer's query rows, so the segments come from the
+    very rows the gathers deliver. Each collective is a transform between two descriptions of the
+    same global rows."""
     def cp_rows(rank: int) -> torch.Tensor:
         d, c, _ = mesh.coords(rank)
         return torch.cat([layout.rows(r) for r in mesh.ranks if mesh.coords(r)[:2] == (d, c)])
 
     q_rows = cp_rows(mesh.rank)
     k_rows = torch.cat([cp_rows(r) for r in mesh.cp_ranks])
-    ctx = AttnContext(packed_mask(q_rows, k_rows, seq_of_row, causal))
+    ctx = AttnContext(segments(q_rows, k_rows, seq_of_row, causal))
     n = layout.num_rows
     if mesh.dims.tp > 1:
         sp = Layout.from_rows({r: layout.rows(r) for r in mesh.tp_ranks}, n)
         cp_local = {r: q_rows for r in mesh.tp_ranks}
-        ctx.sp_gather = Transform(sp, Layout.from_rows(cp_local, n))
+        ctx.sp_gather = clock.wrap("model", Transform(sp, Layout.from_rows(cp_local, n), grad="sum"))
         # Row-parallel outputs are partial sums; the transform delivers their sum.
-        ctx.sp_reduce_scatter = Transform(Layout.from_rows(cp_local, n, partial=True), sp)
+        ctx.sp_reduce_scatter = clock.wrap(
+            "model", Transform(Layout.from_rows(cp_local, n, partial=True), sp))
     if mesh.dims.cp > 1:
-        ctx.cp_gather = Transform(Layout.from_rows({r: cp_rows(r) for r in mesh.cp_ranks}, n),
-                                  Layout.from_rows({r: k_rows for r in mesh.cp_ranks}, n))
+        ctx.cp_gather = clock.wrap("model", Transform(
+            Layout.from_rows({r: cp_rows(r) for r in mesh.cp_ranks}, n),
+            Layout.from_rows({r: k_rows for r in mesh.cp_ranks}, n), grad="sum"))
     return ctx

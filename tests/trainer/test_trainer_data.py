@@ -1,6 +1,6 @@
-"""Data: the JSONL manifest path (images made on the fly with Pillow), THD packing, the synthetic
-task, and the CLI end to end in one process (manifest, plot) and on two spawned processes
-(parity exit status)."""
+"""Data: the JSONL manifest path (images made on the fly with Pillow), THD packing, which samples
+a rank reads, the synthetic task, and the CLI end to end in one process (manifest, plot, parity
+exit status) and on spawned processes (--compare)."""
 
 import json
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from hpcomm.trainer import train as train_mod
 from hpcomm.trainer.data import (BOS, EOS, IGNORE, IMG, ManifestDataset, SyntheticDataset,
-                                 decode, micro_batches, pack, patchify)
+                                 decode, pack, patchify, rank_share, step_indices)
 
 # (width, height) on disk -> (width, height) after scaling to max_side=32 and flooring to the patch
 SIZES = {(20, 12): (20, 12), (64, 16): (32, 8), (3, 50): (4, 32), (33, 33): (32, 32)}
@@ -55,7 +55,7 @@ def test_pack_rows_targets_and_patches(manifest):
     counts = [(w // 4) * (h // 4) for w, h in SIZES.values()]
     assert batch.patch_counts == counts
     assert batch.patches.shape == (sum(counts), 48)
-    assert len(batch.image_rows) == sum(counts)
+    assert int((batch.tokens == IMG).sum()) == sum(counts)
     start = 0
     for sample, n, seq_len in zip(samples, counts, batch.seq_lens):
         text = sample.text.encode()
@@ -68,7 +68,10 @@ def test_pack_rows_targets_and_patches(manifest):
         # the loss covers exactly the caption and EOS, each predicted from the row before it
         assert targets == [IGNORE] * n + seq[n + 1:] + [IGNORE]
         start += seq_len
-    assert batch.num_targets == sum(len(s.text.encode()) + 1 for s in samples)
+    # the trainer counts targets from the lengths alone: seq_len - patches - 1 per sample
+    num_targets = sum(t - p - 1 for t, p in zip(batch.seq_lens, batch.patch_counts))
+    assert int((batch.targets != IGNORE).sum()) == num_targets
+    assert num_targets == sum(len(s.text.encode()) + 1 for s in samples)
     # patch rows follow the image pixels in row-major patch order
     image = samples[0].image
     assert torch.equal(batch.patches[1].view(3, 4, 4), image[:, 0:4, 4:8])
@@ -83,12 +86,20 @@ def test_patchify_roundtrip():
     assert torch.equal(rebuilt, image)
 
 
-def test_micro_batches_cover_epoch_once(manifest):
+def test_step_indices_cover_epoch_once(manifest):
     ds = ManifestDataset(manifest, patch=4)
-    batches = micro_batches(ds, 0, 4, 3, 4, seed=1)
-    assert [len(b.seq_lens) for b in batches] == [2, 1, 1]  # tensor_split of 4 samples
-    seen = sorted(decode(b.tokens.tolist()) for b in batches)
-    assert "".join(seen).count("picture") == 4 and all(str(i) in "".join(seen) for i in range(4))
+    parts = step_indices(ds, 0, 4, 3, seed=1)
+    assert [len(p) for p in parts] == [2, 1, 1]  # tensor_split of 4 samples
+    assert sorted(i for p in parts for i in p) == [0, 1, 2, 3]
+
+
+def test_rank_shares_partition_in_order():
+    """Ranks read contiguous parts, so ascending rank order is the dataset order; a rank may
+    read nothing."""
+    parts = [[7, 3, 9], [4, 5, 6]]  # two micro-batches
+    shares = [rank_share(parts, r, 4) for r in range(4)]
+    assert shares == [[[7, 3], []], [[9], [4]], [[], [5]], [[], [6]]]
+    assert rank_share([[1]], 3, 4) == [[]]
 
 
 def test_synthetic_task_varies_and_is_deterministic():
@@ -117,13 +128,22 @@ def test_synthetic_task_is_learned():
     assert result["losses"][-1] < 1.5
 
 
-def test_cli_spawns_processes_and_reports_parity(capsys):
-    code = train_mod.main(["--nproc", "2", "--encoder", "tp=2", "--llm", "cp=2", "--steps", "2",
-                           "--batch-size", "4", "--check-parity"])
-    assert code == 0
-
-
 def test_cli_parity_failure_exits_1(monkeypatch, capsys):
     monkeypatch.setattr(train_mod, "PARITY_TOLERANCE", -1.0)  # any error, even 0, now fails
     assert train_mod.main(["--nproc", "1", "--steps", "1", "--batch-size", "2",
                            "--check-parity"]) == 1
+
+
+def test_cli_compare_prints_table_and_plots(tmp_path, capsys):
+    """--compare end to end on 2 processes: baseline, colocated and non-colocated rows, all at
+    parity with the single-process run, and the plot."""
+    plot = tmp_path / "compare.png"
+    assert train_mod.main(["--compare", "--nproc", "2", "--steps", "2", "--batch-size", "4",
+                           "--plot", str(plot)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:3] == ["configuration", "step", "ms"]
+    rows = lines[2:]
+    assert len(rows) == 3 and rows[0].startswith("homogeneous")
+    assert "coloc enc dp=2" in rows[1] and "noncoloc enc dp=1" in rows[2]
+    assert all(float(row.split()[-1]) < train_mod.PARITY_TOLERANCE for row in rows)
+    assert plot.stat().st_size > 1000

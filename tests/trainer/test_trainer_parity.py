@@ -1,6 +1,9 @@
 """Loss and gradient parity of the parallel trainer against its single-process reference, on one
 reused 4-process gloo world. Each config trains a few steps; rank 0 then reruns them in one process
-and every rank compares its first-step gradient shards (after the DP/CP/TP-SP reductions).
+and every rank compares its first-step gradient shards (after the DP/CP/TP-SP reductions). The
+configs cover both placements, LLM pipeline parallelism (1F1B over micro-batches), the homogeneous
+baseline (encoder in the LLM's layout), a frozen encoder and torch.compile; every run reads its
+data per rank (each rank its own samples, lengths exchanged, rows moved by transforms).
 
 Tolerances: fp32 throughout; sharding only reorders sums (TP partial sums, CP/DP gradient
 reductions), which moves results by a few ulp, so first-step gradients agree to ~1e-7 relative and
@@ -11,26 +14,40 @@ import pytest
 import hpcomm.trainer.parallelize as parallelize
 from hpcomm.trainer.model import Config
 from hpcomm.trainer.parallelize import ParallelDims
-from hpcomm.trainer.train import PARITY_TOLERANCE, TrainConfig, train
+from hpcomm.trainer.data import SyntheticDataset
+from hpcomm.trainer.train import INHERIT, PARITY_TOLERANCE, TrainConfig, train
 
 GRAD_TOLERANCE = 1e-5  # relative to the largest gradient element of the module
 SMALL = Config(enc_dim=32, enc_heads=4, llm_dim=48, llm_heads=4)
 
 CONFIGS = {
-    # placement, encoder, LLM, micro-batches
-    "coloc enc dp=4 -> llm cp=2,tp=2 (default)": ("colocated", "dp=4", "cp=2,tp=2", 2),
-    "coloc enc dp=2,tp=2 -> llm dp=2,cp=2": ("colocated", "dp=2,tp=2", "dp=2,cp=2", 1),
-    "coloc enc cp=2,tp=2 -> llm dp=2,tp=2": ("colocated", "cp=2,tp=2", "dp=2,tp=2", 2),
-    "noncoloc enc cp=2 -> llm tp=2": ("noncolocated", "cp=2", "tp=2", 3),
-    "noncoloc enc dp=1 -> llm cp=3": ("noncolocated", "dp=1", "cp=3", 4),
+    # placement, encoder, LLM, micro-batches, other options
+    "coloc enc dp=4 -> llm cp=2,tp=2 (default)": ("colocated", "dp=4", "cp=2,tp=2", 2, {}),
+    "coloc enc dp=2,tp=2 -> llm dp=2,cp=2": ("colocated", "dp=2,tp=2", "dp=2,cp=2", 1, {}),
+    "coloc enc cp=2,tp=2 -> llm dp=2,tp=2": ("colocated", "cp=2,tp=2", "dp=2,tp=2", 2, {}),
+    "noncoloc enc cp=2 -> llm tp=2": ("noncolocated", "cp=2", "tp=2", 3, {}),
+    "noncoloc enc dp=1 -> llm cp=3": ("noncolocated", "dp=1", "cp=3", 4, {}),
+    "homogeneous: enc inherits llm cp=2,tp=2": ("colocated", INHERIT, "cp=2,tp=2", 2, {}),
+    "coloc enc dp=4 -> llm pp=2,tp=2": ("colocated", "dp=4", "pp=2,tp=2", 4, {}),
+    "coloc enc dp=4 -> llm pp=2,cp=2, 1 micro-batch": ("colocated", "dp=4", "pp=2,cp=2", 1, {}),
+    "noncoloc enc dp=2 -> llm pp=2": ("noncolocated", "dp=2", "pp=2", 4, {}),
+    "homogeneous: enc inherits llm pp=2,dp=2": ("colocated", INHERIT, "pp=2,dp=2", 3, {}),
+    "frozen enc, coloc enc dp=4 -> llm cp=2,tp=2": ("colocated", "dp=4", "cp=2,tp=2", 2,
+                                                    {"freeze_encoder": True}),
+    "frozen enc, noncoloc enc dp=2 -> llm pp=2": ("noncolocated", "dp=2", "pp=2", 4,
+                                                  {"freeze_encoder": True}),
+    # aot_eager: Dynamo and AOTAutograd capture the same graphs as inductor, without its minutes
+    # of code generation on a small CI machine (hpcomm-train --compile uses inductor)
+    "compiled, coloc enc dp=4 -> llm cp=2,tp=2": ("colocated", "dp=4", "cp=2,tp=2", 2,
+                                                  {"compile": "aot_eager"}),
 }
 
 
 def config(name: str, steps: int = 3) -> TrainConfig:
-    placement, enc, llm, micro = CONFIGS[name]
-    return TrainConfig(encoder=ParallelDims.parse(enc), llm=ParallelDims.parse(llm),
-                       placement=placement, steps=steps, micro_batches=micro, batch_size=8,
-                       model=SMALL)
+    placement, enc, llm, micro, options = CONFIGS[name]
+    return TrainConfig(encoder=enc if enc == INHERIT else ParallelDims.parse(enc),
+                       llm=ParallelDims.parse(llm), placement=placement, steps=steps,
+                       micro_batches=micro, batch_size=8, model=SMALL, **options)
 
 
 def run_parity(rank, world_size, cfg, detach_cp_gather=False):
@@ -53,6 +70,8 @@ def test_parity(world, name):
     assert result["loss_error"] < PARITY_TOLERANCE, result
     assert result["grad_error"]["encoder"] < GRAD_TOLERANCE, result
     assert result["grad_error"]["llm"] < GRAD_TOLERANCE, result
+    if config(name).freeze_encoder:  # no encoder gradient anywhere, on either side
+        assert result["grad_error"]["encoder"] == 0
 
 
 def test_parity_detects_broken_cp_backward(world):
@@ -63,3 +82,37 @@ def test_parity_detects_broken_cp_backward(world):
     assert result["loss_error"] == 0
     assert result["grad_error"]["encoder"] > 1e-2
     assert result["grad_error"]["llm"] < GRAD_TOLERANCE  # the LLM has no CP here
+
+
+class CountingDataset(SyntheticDataset):
+    """Records every sample index this process reads."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=0, patch=SMALL.patch)
+        self.reads: list[int] = []
+
+    def __getitem__(self, index: int):
+        self.reads.append(index)
+        return super().__getitem__(index)
+
+
+def run_counting(rank, world_size, cfg):
+    dataset = CountingDataset()
+    result = train(cfg, rank, world_size, progress=False, dataset=dataset)
+    return dataset.reads, result["losses"]
+
+
+@pytest.mark.parametrize("name", ["coloc enc dp=4 -> llm pp=2,tp=2",
+                                  "noncoloc enc cp=2 -> llm tp=2"])
+def test_each_rank_reads_only_its_own_samples(world, name):
+    """Per-rank data: the ranks read disjoint parts of each step's samples, once each, and
+    together exactly the steps' samples; nobody reads (let alone packs) the global batch."""
+    cfg = config(name, steps=2)
+    results = world(4).run(run_counting, cfg, timeout=600)
+    reads = [r[0] for r in results]
+    for rank_reads in reads:
+        assert len(rank_reads) == len(set(rank_reads))  # each sample read once
+        assert len(rank_reads) == cfg.steps * cfg.batch_size // 4  # its share, not the batch
+    everything = sorted(i for rank_reads in reads for i in rank_reads)
+    assert everything == list(range(cfg.steps * cfg.batch_size))
+    assert results[0][1] == results[3][1]  # and the steps trained on the global batch

@@ -1,0 +1,202 @@
+"""Cross-rank checks: the in-band header every call exchanges with its peers (always on), and the
+full fingerprint agreement of ``validate=True`` (for debugging).
+
+Header: before any payload moves, two ranks that exchange anything in a call swap one small
+header (the transform's fingerprint, direction, call number, dtype, device, trailing shape, the
+element counts each expects of the other, and whether the sender's own input check failed). Each
+side compares the two the same way, so both see the same disagreement and neither posts a payload
+of a size the other does not expect (gloo aborts the process on that). Ranks that agree still
+complete their exchange, so a bad rank makes its peers raise instead of hang.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from hpcomm.comm import HEADER_TAG
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
+          torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
+          torch.float8_e4m3fn, torch.float8_e5m2]
+DEVICE_TYPES = ["cpu", "cuda", "meta", "xpu", "mps"]
+_MAGIC = 0x68_70_63_6F_6D_6D  # "hpcomm": a stray message of the right size is still caught
+# header fields
+MAGIC, FINGERPRINT, BACKWARD, SEQ, DTYPE, DEVICE, SHAPE, SENDS, EXPECTS, FAILED = range(10)
+HEADER_LEN = 10
+
+
+def digest(text: str) -> int:
+    """A 63-bit digest equal across processes (``hash`` of str is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return DTYPES.index(dtype) if dtype in DTYPES else len(DTYPES)
+
+
+def device_code(device: torch.device) -> int:
+    return DEVICE_TYPES.index(device.type) if device.type in DEVICE_TYPES else len(DEVICE_TYPES)
+
+
+def describe_call(fields: Sequence[int]) -> str:
+    direction = "backward" if fields[BACKWARD] else "forward"
+    return f"{direction} call #{fields[SEQ]} of transform {fields[FINGERPRINT]:016x}"
+
+
+# why a rank's own check failed, as its header tells its peers (index = the FAILED field)
+REASONS = ("", "its input check", "a meta tensor as input", "an input with the wrong number of rows",
+           "an input with the wrong width", "an input that is not a tensor with a row dim",
+           "a bad out= or out_rows=")
+
+
+def failure(exc: Exception, reason: int) -> Exception:
+    """Tag a local check's error with the reason its header reports."""
+    exc.hpcomm_reason = reason  # type: ignore[attr-defined]
+    return exc
+
+
+def header(fingerprint: int, backward: bool, seq: int, x: torch.Tensor | None, trailing: Sequence[int],
+           sends: int = -1, expects: int = -1, failed: int = 0) -> list[int]:
+    """This rank's header (for one peer, with the element counts; or for all, without); ``failed``:
+    this rank's own input check failed, for this reason (REASONS)."""
+    if failed or x is None:
+        return [_MAGIC, fingerprint, int(backward), seq, -1, -1, -1, -1, -1, failed or 1]
+    return [_MAGIC, fingerprint, int(backward), seq, dtype_code(x.dtype), device_code(x.device),
+            digest(repr(tuple(trailing))), sends, expects, 0]
+
+
+def disagreement(me: int, mine: Sequence[int], peer: int, theirs: Sequence[int]) -> str | None:
+    """What differs between this rank's header for ``peer`` and the one ``peer`` sent; the same
+    text (up to the order of the two ranks) on both sides."""
+    if theirs[MAGIC] != _MAGIC:
+        return f"rank {peer} sent something that is not an hpcomm header (another library's message?)"
+    if theirs[FAILED]:
+        reason = REASONS[theirs[FAILED]] if 0 < theirs[FAILED] < len(REASONS) else REASONS[1]
+        return f"rank {peer} failed its own input check: it passed {reason} (its error says more)" \
+            if theirs[FAILED] > 1 else f"rank {peer} failed its own input check (its error says why)"
+    if mine[FAILED]:
+        return None  # this rank raises its own error
+    if mine[FINGERPRINT] != theirs[FINGERPRINT] or mine[BACKWARD] != theirs[BACKWARD] or mine[SEQ] != theirs[SEQ]:
+        hint = ""
+        if mine[FINGERPRINT] == theirs[FINGERPRINT] and mine[BACKWARD] != theirs[BACKWARD]:
+            hint = " (a rank skipped a backward, or ran one the others did not)"
+        elif mine[FINGERPRINT] == theirs[FINGERPRINT]:
+            hint = " (the ranks made different numbers of calls)"
+        else:
+            hint = " (different layouts, e.g. built from different lengths, or different options)"
+        return f"rank {me} is in {describe_call(mine)}, rank {peer} in {describe_call(theirs)}{hint}"
+    if mine[DTYPE] != theirs[DTYPE]:
+        return f"rank {me} passes {dtype_name(mine[DTYPE])}, rank {peer} passes {dtype_name(theirs[DTYPE])}"
+    if mine[DEVICE] != theirs[DEVICE]:
+        return (f"rank {me} passes a {device_name(mine[DEVICE])} tensor, rank {peer} a "
+                f"{device_name(theirs[DEVICE])} tensor")
+    if mine[SHAPE] != theirs[SHAPE]:
+        return f"ranks {me} and {peer} pass different trailing shapes"
+    if mine[SENDS] >= 0 and (mine[SENDS] != theirs[EXPECTS] or mine[EXPECTS] != theirs[SENDS]):
+        return (f"rank {me} sends {mine[SENDS]} and expects {mine[EXPECTS]} elements, rank {peer} "
+                f"expects {theirs[EXPECTS]} and sends {theirs[SENDS]}")
+    return None
+
+
+def odd_ones(rows: dict[int, list[int]]) -> list[str]:
+    """Every rank's header (no element counts) -> what the ranks that differ from the majority
+    differ in; the same list on every rank that sees the same rows."""
+    keys = {r: tuple(row[:SENDS]) + (row[FAILED],) for r, row in rows.items()}
+    values = list(keys.values())
+    majority = max(values, key=values.count)
+    leader = next(r for r, k in keys.items() if k == majority)
+    problems = []
+    for r, key in keys.items():
+        if key != majority:
+            text = disagreement(leader, rows[leader], r, rows[r])
+            problems.append(text or f"rank {r} failed its own input check")
+    return problems
+
+
+def dtype_name(code: int) -> str:
+    return str(DTYPES[code]) if 0 <= code < len(DTYPES) else "another dtype"
+
+
+def device_name(code: int) -> str:
+    return DEVICE_TYPES[code] if 0 <= code < len(DEVICE_TYPES) else "another device's"
+
+
+# -- validate=True: the full cross-rank check ------------------------------------------------------
+
+_SHOWN_DIMS = 8
+_FIELDS = 7 + _SHOWN_DIMS
+
+
+def _dims(row: list[int]) -> str:
+    shown = row[7:7 + min(row[6], _SHOWN_DIMS)]
+    return str(shown)[:-1] + (", ...]" if row[6] > _SHOWN_DIMS else "]")
+
+
+def gather(fields: list[int], ranks: Sequence[int], transport: Any) -> list[list[int]]:
+    """Every participant's int64 fields on every participant: each sends its own to the first
+    participant, which sends the stacked table back to all (point to point, so ranks outside the
+    transform need not take part)."""
+    rank = dist.get_rank()
+    leader = ranks[0]
+    table = torch.empty(len(ranks), len(fields), dtype=torch.int64)
+    deadline = transport.deadline()
+    if rank == leader:
+        table[ranks.index(rank)] = torch.tensor(fields)
+        others = [(p, table[i]) for i, p in enumerate(ranks) if p != rank]
+        for pending in transport.post([], others, HEADER_TAG + 2, "validation", deadline)[1]:
+            pending.wait()
+        for pending in transport.post([(p, table.view(-1)) for p, _ in others], [], HEADER_TAG + 3,
+                                      "validation", deadline)[0]:
+            pending.wait()
+    else:
+        for pending in transport.post([(leader, torch.tensor(fields))], [], HEADER_TAG + 2, "validation",
+                                      deadline)[0]:
+            pending.wait()
+        for pending in transport.post([], [(leader, table.view(-1))], HEADER_TAG + 3, "validation",
+                                      deadline)[1]:
+            pending.wait()
+    return table.tolist()
+
+
+def agree(fingerprint: int, ranks: Sequence[int], rank: int, x: torch.Tensor, trailing: Sequence[int],
+          backward: bool, error: Exception | None, transport: Any, extra: int = 0) -> None:
+    """Cross-rank validation: every participant raises the same error if any disagrees on the
+    transform, direction, dtype, device or trailing shape, or failed its own check. ``extra``: a
+    flag a rank raises for a check of its own (e.g. replicas' gradients differ)."""
+    ok = error is None
+    dims = list(trailing)
+    fields = [fingerprint, int(backward), int(not ok) | (extra << 1)]
+    if ok:
+        fields += [dtype_code(x.dtype), device_code(x.device), digest(repr(dims)), len(dims), *dims[:_SHOWN_DIMS]]
+    fields += [-1] * (_FIELDS - len(fields))
+    table = gather(fields, ranks, transport)
+    problems = []
+    keys = [tuple(row[:2]) for row in table]
+    majority = max(keys, key=keys.count)  # name the odd ones out, not the leader
+    agreeing = [r for r, key in zip(ranks, keys) if key == majority]
+    for r, row, key in zip(ranks, table, keys):
+        if key != majority:
+            problems.append(f"rank {r} calls a different transform (or direction) than ranks {agreeing}")
+        elif row[2] & 1:
+            problems.append(f"rank {r} failed its own input check")
+        elif row[2] >> 1:
+            problems.append(f"rank {r}: destination replicas' gradients differ under grad='replicated' "
+                            f"(they hold partial gradients: use grad='sum')")
+    good = [(r, row) for r, row in zip(ranks, table) if not row[2] & 1]
+    for r, row in good[1:]:
+        r0, row0 = good[0]
+        if row[3] != row0[3]:
+            problems.append(f"rank {r} passes {dtype_name(row[3])}, rank {r0} passes {dtype_name(row0[3])}")
+        if row[4] != row0[4]:
+            problems.append(f"rank {r} passes a {device_name(row[4])} tensor, rank {r0} a "
+                            f"{device_name(row0[4])} tensor")
+        if row[5] != row0[5]:
+            problems.append(f"rank {r} passes trailing dims {_dims(row)}, rank {r0} passes {_dims(row0)}")
+    if problems:
+        detail = str(error) if error is not None else "; ".join(problems)
+        raise ValueError(f"hpcomm validation failed on rank {rank}: {detail}"
+                         + (f" (all problems: {'; '.join(problems)})" if error is not None else ""))
