@@ -4,7 +4,7 @@
     PYTHONPATH=. python bench/bench_advisor.py --cluster c.json # use an existing calibration
 
 Calibrates first (``hpcomm-advise --calibrate``), then runs each configuration on 4 gloo
-processes with the trainer's Python API (``Trainer.step``) and prints, per configuration, the
+processes with the trainer's Python API (``hpcomm.trainer.train.train``) and prints, per configuration, the
 predicted and the measured median step time (the slowest rank's, steps after the first two),
 their relative error, and whether the predicted best is the measured best or within 10% of it.
 Both run back to back because this machine's speed depends on what else runs on it.
@@ -27,21 +27,22 @@ from hpcomm.trainer.train import TrainConfig
 WORLD = 4
 # placement, encoder, LLM, micro-batches
 CONFIGS = (
-    ("colocated", "dp=4", "dp=4", 1),               # homogeneous
-    ("colocated", "dp=2,tp=2", "dp=2,tp=2", 1),     # homogeneous
-    ("colocated", "cp=2,tp=2", "cp=2,tp=2", 1),     # homogeneous
+    ("colocated", "inherit", "dp=4", 1),            # homogeneous
+    ("colocated", "inherit", "dp=2,tp=2", 1),       # homogeneous
     ("colocated", "dp=4", "cp=2,tp=2", 1),
     ("colocated", "dp=4", "dp=2,tp=2", 1),
     ("colocated", "dp=4", "dp=2,cp=2", 1),
+    ("colocated", "dp=2,tp=2", "dp=4", 1),
     ("noncolocated", "dp=2", "dp=2", 2),
     ("noncolocated", "dp=1", "dp=3", 2),
-    ("noncolocated", "dp=2", "tp=2", 4),
+    ("noncolocated", "dp=2", "pp=2", 4),
 )
 
 
 def train_config(placement: str, enc: str, llm: str, micro: int, steps: int) -> TrainConfig:
-    return TrainConfig(encoder=ParallelDims.parse(enc), llm=ParallelDims.parse(llm),
-                       placement=placement, steps=steps, micro_batches=micro)
+    return TrainConfig(encoder=enc if enc == "inherit" else ParallelDims.parse(enc),
+                       llm=ParallelDims.parse(llm), placement=placement, steps=steps,
+                       micro_batches=micro)
 
 
 def predicted(cfg: TrainConfig, cluster: ClusterSpec) -> float:

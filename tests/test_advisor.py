@@ -23,9 +23,9 @@ from hpcomm.advisor.flops import (attention_pairs, block_forward_flops, cp_rank_
                                   rank_work)
 from hpcomm.advisor.reference import reference_candidate, reference_data, reference_model
 from hpcomm.advisor.search import candidates
-from hpcomm.trainer.data import micro_batches
+from hpcomm.trainer.data import IGNORE, IMG
 from hpcomm.trainer.parallelize import ParallelDims
-from hpcomm.trainer.train import TrainConfig, Trainer
+from hpcomm.trainer.train import TrainConfig
 
 TINY = ModelSpec(encoder=ModuleSpec(layers=2, hidden=32, heads=4, ffn=128, causal=False,
                                     in_features=48, out_features=48),
@@ -44,21 +44,31 @@ def test_block_flops_hand_count():
 
 
 def test_reference_flops_match_flop_counter():
-    """Forward and forward + backward FLOPs of one trainer step, single process, exactly."""
+    """Forward and forward + backward FLOPs of the reference model on one step's batch, exactly."""
+    from hpcomm.trainer.data import SyntheticDataset, pack, step_indices
+    from hpcomm.trainer.model import AttnContext, MultimodalModel, segments
+
     cfg = TrainConfig(steps=1)
-    model = reference_model(cfg.model)
-    trainer = Trainer(cfg)
-    batch = micro_batches(trainer.dataset, 0, cfg.batch_size, 1, cfg.model.patch, cfg.seed)[0]
-    mb = trainer._plan(batch)
+    dataset = SyntheticDataset(cfg.seed, cfg.model.patch)
+    batch = pack([dataset[i] for i in step_indices(dataset, 0, cfg.batch_size, 1, cfg.seed)[0]],
+                 cfg.model.patch)
+    net = MultimodalModel(cfg.model)
+
+    def context(lens, causal):
+        rows = torch.arange(sum(lens))
+        return AttnContext(segments(rows, rows, torch.repeat_interleave(torch.tensor(lens)), causal))
     with FlopCounterMode(display=False) as forward:
-        loss = trainer._llm_loss(mb, trainer._encode(mb), batch.num_targets)
+        images = net.encoder(batch.patches, batch.patch_grid, context(batch.patch_counts, False))
+        h = net.llm.embed(batch.tokens).index_put(((batch.tokens == IMG).nonzero()[:, 0],), images)
+        logits = net.llm(h, batch.positions, context(batch.seq_lens, True))
+        loss = torch.nn.functional.cross_entropy(logits, batch.targets, ignore_index=IGNORE)
     with FlopCounterMode(display=False) as backward:
         loss.backward()
-    data = reference_data(cfg)
+    model, data = reference_model(cfg.model), reference_data(cfg)
+    assert [s.seq_len for s in data.samples] == batch.seq_lens
     images = [n for s in data.samples for n in s.image_tokens]
-    lens = [s.seq_len for s in data.samples]
-    enc = rank_work(model.encoder, images, ModuleDims(), attention="packed", zigzag=False)
-    llm = rank_work(model.llm, lens, ModuleDims(), attention="packed", zigzag=True)
+    enc = rank_work(model.encoder, images, ModuleDims(), attention="square", zigzag=False)
+    llm = rank_work(model.llm, batch.seq_lens, ModuleDims(), attention="square", zigzag=True)
 
     def total(train):
         return (module_flops(model.encoder, enc.rows, enc.pairs, model.encoder.layers, train=train)
@@ -98,7 +108,7 @@ def test_rank_work_busiest_group():
 SAMPLES = tuple(Sample((p,), t) for p, t in [(9, 14), (4, 12), (16, 10), (6, 15), (12, 13), (4, 11)])
 BOUNDARY_CASES = [
     Candidate(ModuleDims(dp=4), ModuleDims(cp=2, tp=2), "colocated"),
-    Candidate(ModuleDims(cp=2, tp=2), ModuleDims(cp=2, tp=2), "homogeneous"),
+    Candidate(ModuleDims(cp=2, tp=2), ModuleDims(cp=2, tp=2), "colocated"),
     Candidate(ModuleDims(dp=2, tp=2), ModuleDims(dp=2, cp=2), "colocated"),
     Candidate(ModuleDims(dp=2), ModuleDims(tp=2), "noncolocated"),
     Candidate(ModuleDims(dp=1), ModuleDims(cp=3), "noncolocated"),
@@ -135,15 +145,25 @@ def test_boundary_plan_owner_and_brute_force_agree(cand):
 
 def test_boundary_matches_trainer_transform():
     """The advisor's boundary layouts are the trainer's: same source and destination rows."""
+
     cfg = TrainConfig(encoder=ParallelDims(dp=2), llm=ParallelDims(tp=2), placement="noncolocated")
-    trainer_batch = micro_batches(Trainer(TrainConfig()).dataset, 0, cfg.batch_size, 1,
-                                  cfg.model.patch, cfg.seed)[0]
-    src, dst = boundary_layouts(reference_candidate(cfg), reference_data(cfg).samples)
-    enc = Layout.grid(trainer_batch.patch_counts, dp=2, cp_mode="contiguous", ranks=[0, 1])
-    llm = Layout.grid(trainer_batch.seq_lens, tp=2, ranks=[2, 3]).select(trainer_batch.image_rows)
+    data = reference_data(cfg)
+    lens = [s.seq_len for s in data.samples]
+    patches = [n for s in data.samples for n in s.image_tokens]
+    src, dst = boundary_layouts(reference_candidate(cfg), data.samples)
+    enc = Layout.grid(patches, dp=2, cp_mode="contiguous", ranks=[0, 1])
+    offsets = np.cumsum([0] + lens[:-1])
+    rows = np.concatenate([np.arange(o + 1, o + 1 + n) for o, n in zip(offsets, patches)])
+    llm = Layout.grid(lens, tp=2, ranks=[2, 3]).select(rows)
     for r in range(4):
         assert src.rows(r).tolist() == enc.rows(r).tolist()
         assert dst.rows(r).tolist() == llm.rows(r).tolist()
+
+
+def test_homogeneous_boundary_moves_nothing():
+    cand = Candidate(ModuleDims(cp=2, tp=2), ModuleDims(cp=2, tp=2), "homogeneous")
+    stats = plan_stats(*boundary_layouts(cand, SAMPLES))
+    assert stats.total == 0 and stats.sent == stats.received == 0
 
 
 # ------------------------------------------------------------------ memory

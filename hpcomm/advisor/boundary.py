@@ -75,9 +75,12 @@ def llm_layout(candidate: Candidate, samples: tuple[Sample, ...]) -> Layout:
 
 
 def boundary_layouts(candidate: Candidate, samples: tuple[Sample, ...]) -> tuple[Layout, Layout]:
-    """(source, destination) of the boundary transform of one micro-batch."""
-    return (encoder_layout(candidate, samples),
-            llm_layout(candidate, samples).select(image_rows(samples)))
+    """(source, destination) of the boundary transform of one micro-batch. A homogeneous encoder
+    runs on the LLM's own rows of the images (the trainer's ``--encoder inherit``): nothing moves."""
+    dst = llm_layout(candidate, samples).select(image_rows(samples))
+    if candidate.placement == "homogeneous":
+        return dst, dst
+    return encoder_layout(candidate, samples), dst
 
 
 def plan_stats(src: Layout, dst: Layout) -> BoundaryStats:
@@ -157,7 +160,10 @@ def candidate_owners(candidate: Candidate, samples: tuple[Sample, ...]) -> tuple
                  else tuple(megatron_ranks(llm.tp, llm.cp, llm.dp, llm.pp)))
     llm_ranks = tuple(megatron_ranks(llm.tp, llm.cp, llm.dp, llm.pp,
                                      rank_offset=candidate.llm_rank_offset()))
-    return _owners_cached(samples, enc, enc_ranks, "encoder"), _owners_cached(samples, llm, llm_ranks, "llm")
+    dst = _owners_cached(samples, llm, llm_ranks, "llm")
+    if candidate.placement == "homogeneous":
+        return dst, dst
+    return _owners_cached(samples, enc, enc_ranks, "encoder"), dst
 
 
 @lru_cache(maxsize=64)

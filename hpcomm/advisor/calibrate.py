@@ -67,15 +67,13 @@ def _init(rank: int, world: int, port: int) -> None:
 
 
 def _steps_worker(rank: int, world: int, port: int, cfg: Any, queue: Any) -> None:
-    from hpcomm.trainer.train import Trainer
+    from hpcomm.trainer.train import train
 
     _init(rank, world, port)
     try:
-        trainer = Trainer(cfg, rank, world)
-        seconds = torch.tensor([trainer.step(s).seconds for s in range(cfg.steps)])
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # a step ends with its slowest rank
+        result = train(cfg, rank, world, progress=False)
         if rank == 0:
-            queue.put(seconds.tolist())
+            queue.put(result["step_seconds"])  # each the slowest rank's
     finally:
         dist.destroy_process_group()
 
