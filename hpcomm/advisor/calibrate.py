@@ -97,7 +97,7 @@ def _time(fn: Any, iters: int) -> float:
 
 def _links_worker(rank: int, world: int, port: int, iters: int, queue: Any) -> None:
     from hpcomm import Layout, Transform
-    from hpcomm.trainer.model import AttnContext, Block
+    from hpcomm.trainer.model import AttnContext, Block, segments
 
     _init(rank, world, port)
     try:
@@ -126,7 +126,8 @@ def _links_worker(rank: int, world: int, port: int, iters: int, queue: Any) -> N
         for w, r in BLOCKS:
             block = Block(w, 4)
             h = torch.randn(r, w, requires_grad=True)
-            ctx = AttnContext(torch.ones(r, r, dtype=torch.bool))
+            every = torch.arange(r)  # one sample: every pair computed, as fit_blocks counts
+            ctx = AttnContext(segments(every, every, torch.zeros(r, dtype=torch.int64), False))
             blocks[(w, r)] = _time(lambda: block(h, ctx).sum().backward(), max(5, iters // 3))
         if rank == 0:
             queue.put((ring, reused, planned, width * rows * 4, blocks))
