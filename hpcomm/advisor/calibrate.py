@@ -4,9 +4,9 @@ All timings run on ``ranks`` processes at once, so each sees the contention a ra
 sees. Links: a ring send/recv over gloo at several sizes (latency, bandwidth), then an hpcomm
 all-gather Transform (the software overhead of one call, reused, and of planning a new one).
 Compute: forward + backward of one reference-trainer Block at several widths and row counts
-(FLOP rate and per-block overhead). Fixed costs: the all-DP reference trainer without transformer
-blocks at two micro-batch counts (per-step and per-micro-batch overheads, after subtracting what
-the model already predicts). The trainer's default model shape is never timed, so validating on it
+(FLOP rate and per-block overhead). Fixed costs: the all-DP reference trainer with one transformer
+block per module at two micro-batch counts (per-step and per-micro-batch overheads, after
+subtracting what the model already predicts, blocks included). The trainer's default model shape is never timed, so validating on it
 is a prediction.
 """
 
@@ -30,7 +30,7 @@ from .spec import ClusterSpec, ModuleSpec
 
 SIZES = (1 << 10, 1 << 14, 1 << 18, 1 << 21)  # bytes per ring message
 BLOCKS = ((32, 64), (64, 128), (96, 96), (96, 256), (192, 256), (128, 512))  # (width, rows)
-MICRO = (1, 3)  # micro-batch counts of the block-free trainer runs
+MICRO = (1, 3)  # micro-batch counts of the one-block trainer runs
 WARMUP = 2  # steps dropped from every trainer timing
 
 
@@ -106,9 +106,10 @@ def _links_worker(rank: int, world: int, port: int, iters: int, queue: Any) -> N
             send, recv = torch.zeros(size // 4), torch.empty(size // 4)
 
             def exchange() -> None:
-                reqs = [dist.isend(send, (rank + 1) % world), dist.irecv(recv, (rank - 1) % world)]
-                for r in reqs:
-                    r.wait()
+                for work in dist.batch_isend_irecv([
+                        dist.P2POp(dist.isend, send, (rank + 1) % world),
+                        dist.P2POp(dist.irecv, recv, (rank - 1) % world)]):
+                    work.wait()
             ring[size] = _time(exchange, iters)
         width, rows = 16, 4 * world  # a small all-gather: the software cost dominates
         gather = Transform(Layout.contiguous(range(world), rows), Layout.replicated(range(world), rows))
@@ -159,11 +160,12 @@ def fit_blocks(blocks: dict[tuple[int, int], float], base: ClusterSpec) -> Clust
 
 
 def fit_overheads(times: dict[int, float], base: ClusterSpec) -> ClusterSpec:
-    """Step time without blocks - what the model already predicts for it = per step +
-    micro-batches x modules x per micro-batch (least squares over the micro-batch counts)."""
+    """Step time of one-block modules - what the model already predicts for it (blocks
+    included) = per step + micro-batches x modules x per micro-batch (least squares over the
+    micro-batch counts)."""
     xs, ys = [], []
     for m, seconds in times.items():
-        cfg = train_config(base.gpus, 1, m, layers=0)
+        cfg = train_config(base.gpus, 1, m, layers=1)
         p = predict(reference_candidate(cfg), reference_model(cfg.model), reference_data(cfg), base)
         xs.append(2.0 * m)
         ys.append(seconds - p.step_time)
@@ -184,6 +186,6 @@ def calibrate(ranks: int = 4, steps: int = 7, iters: int = 30) -> ClusterSpec:
                        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     ring, reused, fresh, nbytes, blocks = _spawn(_links_worker, ranks, iters)
     cluster = fit_blocks(blocks, fit_links(ring, reused, fresh, nbytes, ranks, base))
-    overheads = {m: statistics.median(measure_steps(train_config(ranks, steps, m, layers=0), ranks)[WARMUP:])
+    overheads = {m: statistics.median(measure_steps(train_config(ranks, steps, m, layers=1), ranks)[WARMUP:])
                  for m in MICRO}
     return fit_overheads(overheads, cluster)
