@@ -198,7 +198,7 @@ def test_frozen_encoder_has_no_gradients_or_optimizer():
 
 def test_search_is_exact_against_exhaustive():
     data = DataSpec.from_distribution(8, 1, 64, 200, 100, 300, seed=1)
-    cluster = PRESETS["h100"].with_gpus(8)
+    cluster = PRESETS["h100"].with_gpus(4)
     ranking = rank(TINY, data, cluster, top=5)
     every = sorted((predict(c, TINY, data, cluster) for c in candidates(TINY, data, cluster)),
                    key=lambda p: p.step_time)
