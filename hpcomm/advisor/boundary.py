@@ -200,8 +200,3 @@ def boundary_stats(candidate: Candidate, samples: tuple[Sample, ...]) -> Boundar
     if candidate.world_size <= PLAN_WORLD:
         return plan_stats(*boundary_layouts(candidate, samples))
     return owner_stats(*candidate_owners(candidate, samples))
-
-
-def homogeneous_encoder(llm: ModuleDims) -> ModuleDims:
-    """The encoder's degrees when it inherits the LLM's layout (pipeline aside)."""
-    return ModuleDims(dp=llm.dp, cp=llm.cp, tp=llm.tp)
