@@ -91,6 +91,7 @@ setup(
         "hpcomm-demo=hpcomm.tools.demo:main",
         "hpcomm-train=hpcomm.trainer.train:main",
         "hpcomm-bench=hpcomm.tools.bench:main",
+        "hpcomm-advise=hpcomm.advisor.cli:main",
     ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
