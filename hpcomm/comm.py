@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -132,24 +132,35 @@ class P2P:
         return self._host_ok
 
     def gather(self, row: torch.Tensor, what: str, deadline: Deadline,
-               device: torch.device) -> dict[int, list[int]]:
-        """Every member's ``row`` (int64 [n]) on every member: {global rank: row}. ``device``: the
-        data's, used when the group cannot move host tensors."""
+               device: torch.device) -> Callable[[], dict[int, list[int]]]:
+        """Post an all-gather of every member's ``row`` (int64 [n]); the returned function waits
+        and gives {global rank: row}. ``device``: the data's, used when the group cannot move host
+        tensors."""
         members = dist.get_process_group_ranks(self.group or dist.group.WORLD)  # type: ignore[arg-type]
         on = torch.device("cpu") if self.host_ok() else device
         table = torch.empty(len(members) * row.numel(), dtype=torch.int64, device=on)
-        try:
-            work = _all_gather(table, row.to(on), group=self.group, async_op=True)
-            work.wait(timedelta(seconds=deadline.left()))  # type: ignore[union-attr]
-        except RuntimeError as e:
+
+        def fail(e: RuntimeError) -> TransformError:
             timed_out = "imed out" in str(e) or "imeout" in str(e)
             why = (f"not every rank of the transform joined within {deadline.timeout:g} s (one raised an "
                    f"error of its own, skipped or added a call, or died)" if timed_out else
                    f"the transport failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-            raise TransformError(f"rank {dist.get_rank()}: {what}: {why}") from None
-        # group ranks follow sorted global ranks for groups made by new_group
-        return {dist.get_global_rank(self.group, i) if self.group is not None else i: r
-                for i, r in enumerate(table.view(len(members), -1).tolist())}
+            return TransformError(f"rank {dist.get_rank()}: {what}: {why}")
+
+        try:
+            work = _all_gather(table, row.to(on), group=self.group, async_op=True)
+        except RuntimeError as e:
+            raise fail(e) from None
+
+        def wait() -> dict[int, list[int]]:
+            try:
+                work.wait(timedelta(seconds=deadline.left()))  # type: ignore[union-attr]
+            except RuntimeError as e:
+                raise fail(e) from None
+            # group ranks follow sorted global ranks for groups made by new_group
+            return {dist.get_global_rank(self.group, i) if self.group is not None else i: r
+                    for i, r in enumerate(table.view(len(members), -1).tolist())}
+        return wait
 
 
 class Simulated:

@@ -422,7 +422,7 @@ class Engine:
             if crosses:
                 try:
                     self._headers(rank, backward, seq, None, (), None, transport, what,
-                                  failed=getattr(error, "hpcomm_reason", 1))
+                                  failed=getattr(error, "hpcomm_reason", 1))()
                 except comm.TransformError:
                     pass  # peers that never came: this rank's own error is the one to report
             raise error
@@ -445,15 +445,30 @@ class Engine:
         exe: Exec = EXECS.get((plan, outer, w_in, w_out, row_map, zero_copy, backend.name, x.device),
                               lambda: _prepare(plan, outer, w_in, w_out, row_map, zero_copy, backend,
                                                x.device))
-        bad: dict[int, str] = {}
+        check: Callable[[], dict[int, str]] = dict
         if crosses and (exe.sends or exe.recvs or self._spans_group()):
             trailing = tuple(x.shape[1:-1] if spec.plan.col_mode else x.shape[1:])
-            bad = self._headers(rank, backward, seq, x, trailing, exe, transport, what)
+            check = self._headers(rank, backward, seq, x, trailing, exe, transport, what)
         if exe.plan.zero_fill:  # only the destination rows: the rest of a caller's out is theirs
             data.zero_() if rows is None else data.index_fill_(0, rows, 0)
         out_flat = data.view(-1)
         send_buf = self.pool.take(exe.send_numel, wire, x.device) if exe.send_numel else None
         recv_buf = self.pool.take(exe.recv_numel, wire, x.device) if exe.recv_numel else None
+        # while the header is in flight: the local copies and the first message's packing
+        if not exe.plan.accumulate and exe.local is not None:
+            backend.apply(exe.local, x_flat, out_flat, False)
+        packed = 0  # messages packed so far, in order
+        for m in exe.sends[:1]:
+            if m.table is not None:
+                backend.apply(m.table, x_flat, send_buf, False)  # type: ignore[arg-type]
+            packed = 1
+        try:
+            bad = check()
+        except Exception:
+            for buf in (send_buf, recv_buf):
+                if buf is not None:
+                    self.pool.give(buf)
+            raise
         deadline = transport.deadline()
         if simulated:
             transport.rank = rank
@@ -463,18 +478,16 @@ class Engine:
         pipelined = x.device.type == "cpu"
         sends: list[comm.Pending] = []
         batch = []
-        for m in exe.sends:
+        for i, m in enumerate(exe.sends):
             if m.peer in bad:
                 continue
-            if m.table is not None:
+            if m.table is not None and i >= packed:
                 backend.apply(m.table, x_flat, send_buf, False)  # type: ignore[arg-type]
             batch.append((m.peer, _place(m, x_flat, send_buf)))  # type: ignore[arg-type]
             if pipelined:  # on the wire while the next message is packed
                 sends += transport.post(batch, [], comm.PAYLOAD_TAG, what, deadline)[0]
                 batch = []
         sends += transport.post(batch, [], comm.PAYLOAD_TAG, what, deadline)[0]
-        if not exe.plan.accumulate and exe.local is not None:  # overlaps the transfers
-            backend.apply(exe.local, x_flat, out_flat, False)
         return Call(self, exe, x_flat, out, send_buf, recv_buf, sends, recvs, list(bad.values()), what)
 
     def _spans_group(self) -> bool:
@@ -487,22 +500,26 @@ class Engine:
 
     def _headers(self, rank: int, backward: bool, seq: int, x: torch.Tensor | None,
                  trailing: Sequence[int], exe: Exec | None, transport: comm.P2P, what: str,
-                 failed: int = 0) -> dict[int, str]:
-        """Check this call against the other ranks' before any payload moves. When the
-        transform spans its group, every rank sees every header and all decide alike: a
-        disagreement anywhere raises on every rank. Otherwise each pair of ranks that exchange
-        data swap headers: {peer: what it disagrees on} (the call completes with the others,
-        then raises)."""
+                 failed: int = 0) -> Callable[[], dict[int, str]]:
+        """Post this call's header exchange; the returned check waits for it (the caller does
+        local work in between, so the header's latency hides behind it). When the transform spans
+        its group, every rank sees every header and all decide alike: a disagreement anywhere
+        raises on every rank. Otherwise each pair of ranks that exchange data swap headers, and
+        the check returns {peer: what it disagrees on} (the call completes with the others, then
+        raises)."""
         spec = self.spec
         deadline = transport.deadline()
         if self._spans_group():
             mine = validate.header(spec.fingerprint, backward, seq, x, trailing, failed=failed)
             device = x.device if x is not None else torch.device("cpu")
-            rows = transport.gather(torch.tensor(mine, dtype=torch.int64), what + " (header)", deadline, device)
-            problems = validate.odd_ones(rows)
-            if problems and not failed:
-                raise ValueError(f"rank {rank}: {what} refused: " + "; ".join(problems))
-            return {}
+            gathered = transport.gather(torch.tensor(mine, dtype=torch.int64), what + " (header)", deadline, device)
+
+            def check_all() -> dict[int, str]:
+                problems = validate.odd_ones(gathered())
+                if problems and not failed:
+                    raise ValueError(f"rank {rank}: {what} refused: " + "; ".join(problems))
+                return {}
+            return check_all
         if exe is None:  # this rank's input is bad: tell every peer the plan gives it
             plan = spec.rank_plan(rank, backward)
             sizes = {p: (0, 0) for p, _ in plan.sends + plan.recvs}
@@ -518,22 +535,25 @@ class Engine:
         theirs = {p: torch.empty(validate.HEADER_LEN, dtype=torch.int64) for p in peers}
         sent, got = transport.post([(p, torch.tensor(mine_for[p], dtype=torch.int64)) for p in peers],
                                    list(theirs.items()), comm.HEADER_TAG, what + " (header)", deadline)
-        if failed:  # this rank raises its own error once its peers have the flag
+
+        def check_pairs() -> dict[int, str]:
+            if failed:  # this rank raises its own error once its peers have the flag
+                for pending in sent:
+                    try:
+                        pending.wait()
+                    except comm.TransformError:
+                        pass  # a peer that never came; the input error is what this rank reports
+                return {}
+            disagree: dict[int, str] = {}
+            for p, pending in zip(peers, got):
+                pending.wait()
+                text = validate.disagreement(rank, mine_for[p], p, theirs[p].tolist())
+                if text is not None:
+                    disagree[p] = text
             for pending in sent:
-                try:
-                    pending.wait()
-                except comm.TransformError:
-                    pass  # a peer that never came; the input error is what this rank reports
-            return {}
-        disagree: dict[int, str] = {}
-        for p, pending in zip(peers, got):
-            pending.wait()
-            text = validate.disagreement(rank, mine_for[p], p, theirs[p].tolist())
-            if text is not None:
-                disagree[p] = text
-        for pending in sent:
-            pending.wait()
-        return disagree
+                pending.wait()
+            return disagree
+        return check_pairs
 
 
 # -- the registry the custom ops read -----------------------------------------------------------
