@@ -1,7 +1,7 @@
 """pytest-benchmark suite for the issue's CPU targets: hpcomm beside its baseline on 4 gloo ranks,
-rows of 1 KiB (fp32, hidden 256), one size per (case, baseline) pair of ``TARGETS`` (the sweep and
-the size floors are ``hpcomm-bench --preset targets``'s); run on demand, the default test run does
-not collect bench/:
+rows of 1 KiB (fp32, hidden 256), one size per (case, baseline) pair of ``PRESET_TARGETS`` (the
+sweep and the size floors are ``hpcomm-bench --preset targets``'s); run on demand, the default
+test run does not collect bench/:
 
     python -m pytest bench/test_bench_transforms.py                       # 64 Ki rows
     HPCOMM_BENCH_ROWS=8192 python -m pytest bench/test_bench_transforms.py  # quicker
@@ -26,7 +26,7 @@ ROWS = int(os.environ.get("HPCOMM_BENCH_ROWS", 65536))
 ROUNDS, WARMUP = 10, 2
 
 CASES = {c.name: c for c in benchmark.PRESETS["targets"]}
-PAIRS = list(dict.fromkeys((t.case, t.baseline) for t in benchmark.TARGETS))
+PAIRS = list(dict.fromkeys((t.case, t.baseline) for t in benchmark.PRESET_TARGETS))
 
 _prepared: dict = {}  # per worker process: case name -> benchmark.Prepared
 
@@ -59,14 +59,15 @@ def test_target(benchmark_fixture, world4, name, baseline, method):
     cfg = case_config(name, baseline)
     verified = world4.run(prepare_case, cfg)[0]
     # the wire reference moves bytes only: nothing to verify
-    assert verified == {"hpcomm": True, **({baseline: True} if baseline in benchmark.BASELINES else {})}, verified
+    expected = {"hpcomm": True, **({baseline: True} if baseline in benchmark.BASELINES else {})}
+    assert verified == expected, verified
     method = baseline if method == "baseline" else method
     rank_times = []
 
     def call():
         rank_times.append(world4.run(timed_call, name, method)[0])
 
-    targets = ", ".join(f"<= {t.ratio}x" for t in benchmark.TARGETS
+    targets = ", ".join(f"<= {t.ratio}x" for t in benchmark.PRESET_TARGETS
                         if (t.case, t.baseline) == (name, baseline))
     benchmark_fixture.group = f"{name} ({ROWS} rows; target hpcomm {targets} {baseline})"
     benchmark_fixture.pedantic(call, rounds=ROUNDS, warmup_rounds=WARMUP)
