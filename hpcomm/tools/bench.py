@@ -12,7 +12,10 @@ Megatron order, TP fastest) with ``cp_mode`` (zigzag | contiguous), ``tp_mode`` 
 hidden) and ``dp_assign`` (contiguous | round_robin | balanced); or ``rows=K``, a flat split of the
 rows over K ranks (Layout.contiguous). The global tensor is [rows, hidden]; rows are THD-packed
 sequences (``--seq-lens``, or ``--num-seqs`` ragged lengths summing to ``--rows``, drawn from a
-seeded log-normal so every run and every rank gets the same lengths).
+seeded log-normal so every run and every rank gets the same lengths). ``--placement colocated``
+puts both layouts on ranks from 0, ``noncolocated`` the destination on the ranks after the
+source's; a local run spawns exactly the ranks a case needs (under torchrun the world must be that
+size), so a preset may run some cases on 4 ranks and others on 6.
 
 Methods, each verified once against hpcomm's output (and hpcomm against slicing the global tensor)
 before anything is timed:
