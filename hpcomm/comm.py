@@ -1,31 +1,32 @@
 """Transport: moves one call's per-peer messages, and nothing else.
 
 Two transports hand the execution layer the same interface (``post`` a batch of sends and
-receives, get back one ``Pending`` per message, ``wait`` each when its data is needed):
+receives, get back one ``Pending`` per message, ``wait`` each when its data is needed; headers and
+each call's payloads travel under tags of their own):
 
 - ``P2P``: point-to-point over the process group (gloo on CPU, NCCL on GPU). Every wait is bounded
   by the call's timeout and a failure names the peer and what the call was doing.
 - ``Simulated``: a whole world in one process; a posted receive is filled from the matching send.
 
-Why point to point only: a collective (all_to_all_single) needs every member to join every call,
-so one rank that stops to report a bad peer would hang the others, and measured on gloo the
-per-peer path with pipelined pack/unpack is as fast or faster (README, "Transport").
+Why point to point only: a collective (all_to_all_single) needs every member to post a receive of
+the size it expects before anyone can check the others' headers, so a disagreement would reach
+gloo's size check (a process abort); point to point lets a rank post each receive only after the
+headers agree. Measured on gloo it is as fast or faster from 16 MiB (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Callable, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
-# torch 2.13 renamed all_gather_into_tensor; older releases (hpcomm accepts >= 2.4) have only that
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
 HEADER_TAG = 0x6870  # headers and payloads never match each other's receives
-PAYLOAD_TAG = 0x6871
+PAYLOAD_TAG = 0x10000  # payload tags run from here: one per call between a pair of ranks
+
+Tags = int | Mapping[int, int]  # one tag, or one per peer
 
 
 class TransformError(RuntimeError):
@@ -105,12 +106,25 @@ class P2P:
     def deadline(self) -> Deadline:
         return Deadline(self.timeout)
 
+    def payload_tags(self, peers: Sequence[int]) -> dict[int, int]:
+        """The tags of this call's payloads with each peer: a count of the calls the pair has
+        made (both sides count every call they share), so a send its receiver refused (a call
+        that raised) never matches a receive of a later call. Wraps after 2^20 calls."""
+        key = id(self.group)
+        tags = {}
+        for p in peers:
+            n = _pair_calls.get((key, p), 0)
+            _pair_calls[(key, p)] = n + 1
+            tags[p] = PAYLOAD_TAG + n % (1 << 20)
+        return tags
+
     def post(self, sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[int, torch.Tensor]],
-             tag: int, what: str, deadline: Deadline) -> tuple[list[Pending], list[Pending]]:
+             tag: Tags, what: str, deadline: Deadline) -> tuple[list[Pending], list[Pending]]:
         """Post every message of the batch at once; NCCL needs them in one group (two ranks that
         send to each other before receiving would otherwise deadlock), gloo starts each at once."""
-        ops = [dist.P2POp(dist.isend, t, peer, self.group, tag) for peer, t in sends]
-        ops += [dist.P2POp(dist.irecv, t, peer, self.group, tag) for peer, t in recvs]
+        tag_of = (lambda p: tag) if isinstance(tag, int) else tag.__getitem__
+        ops = [dist.P2POp(dist.isend, t, peer, self.group, tag_of(peer)) for peer, t in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer, self.group, tag_of(peer)) for peer, t in recvs]
         if not ops:
             return [], []
         try:
@@ -131,36 +145,8 @@ class P2P:
             self._host_ok = "gloo" in backend or "cpu" in backend
         return self._host_ok
 
-    def gather(self, row: torch.Tensor, what: str, deadline: Deadline,
-               device: torch.device) -> Callable[[], dict[int, list[int]]]:
-        """Post an all-gather of every member's ``row`` (int64 [n]); the returned function waits
-        and gives {global rank: row}. ``device``: the data's, used when the group cannot move host
-        tensors."""
-        members = dist.get_process_group_ranks(self.group or dist.group.WORLD)  # type: ignore[arg-type]
-        on = torch.device("cpu") if self.host_ok() else device
-        table = torch.empty(len(members) * row.numel(), dtype=torch.int64, device=on)
 
-        def fail(e: RuntimeError) -> TransformError:
-            timed_out = "imed out" in str(e) or "imeout" in str(e)
-            why = (f"not every rank of the transform joined within {deadline.timeout:g} s (one raised an "
-                   f"error of its own, skipped or added a call, or died)" if timed_out else
-                   f"the transport failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-            return TransformError(f"rank {dist.get_rank()}: {what}: {why}")
-
-        try:
-            work = _all_gather(table, row.to(on), group=self.group, async_op=True)
-        except RuntimeError as e:
-            raise fail(e) from None
-
-        def wait() -> dict[int, list[int]]:
-            try:
-                work.wait(timedelta(seconds=deadline.left()))  # type: ignore[union-attr]
-            except RuntimeError as e:
-                raise fail(e) from None
-            # group ranks follow sorted global ranks for groups made by new_group
-            return {dist.get_global_rank(self.group, i) if self.group is not None else i: r
-                    for i, r in enumerate(table.view(len(members), -1).tolist())}
-        return wait
+_pair_calls: dict[tuple[int, int], int] = {}  # (id of the group, peer) -> calls made together
 
 
 class Simulated:
@@ -175,8 +161,11 @@ class Simulated:
     def deadline(self) -> Deadline:
         return Deadline(1.0)
 
+    def payload_tags(self, peers: Sequence[int]) -> dict[int, int]:
+        return {p: PAYLOAD_TAG for p in peers}
+
     def post(self, sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[int, torch.Tensor]],
-             tag: int, what: str, deadline: Deadline) -> tuple[list[Pending], list[Pending]]:
+             tag: Tags, what: str, deadline: Deadline) -> tuple[list[Pending], list[Pending]]:
         for peer, t in sends:
             self._sends[(self.rank, peer)] = t
         self._recvs += [(peer, self.rank, t) for peer, t in recvs]

@@ -286,11 +286,10 @@ class Call:
 
     def __init__(self, engine: Engine, exe: Exec | None, x_flat: torch.Tensor, out: torch.Tensor,
                  send_buf: torch.Tensor | None, recv_buf: torch.Tensor | None,
-                 sends: list[comm.Pending], recvs: dict[int, comm.Pending], problems: list[str],
-                 what: str) -> None:
+                 sends: list[comm.Pending], recvs: dict[int, comm.Pending], what: str) -> None:
         self.engine, self.exe, self.x_flat, self.out = engine, exe, x_flat, out
         self.send_buf, self.recv_buf, self.sends, self.recvs = send_buf, recv_buf, sends, recvs
-        self.problems, self.what = problems, what
+        self.what = what
 
     def finish(self) -> torch.Tensor:
         exe = self.exe
@@ -317,9 +316,6 @@ class Call:
             for buf in (self.send_buf, self.recv_buf):
                 if buf is not None:
                     self.engine.pool.give(buf)
-        if self.problems:
-            raise ValueError(f"rank {exe.plan.rank}: {self.what} refused by its peers: "
-                             + "; ".join(self.problems))
         return self.out
 
     def _apply(self, table: Prepared | None, src: torch.Tensor | None, dst: torch.Tensor,
@@ -337,7 +333,6 @@ class Engine:
         self.calls = [0, 0]  # calls made so far per direction: part of every header
         self.transport = comm.P2P(spec.group, spec.timeout)
         self._mean: Engine | None = None  # validation's reference route under "replicated"
-        self._spans: bool | None = None
 
     # geometry and checks ---------------------------------------------------------------------
 
@@ -391,8 +386,10 @@ class Engine:
         spec = self.spec
         if spec.validate and spec.grad == "replicated":
             if self._mean is None:
-                self._mean = Engine(replace(spec, grad="mean", grad_plan=grad_plan(spec.src, spec.dst, "mean"),
-                                            validate=False, fingerprint=spec.fingerprint ^ 1))
+                mean_plan = grad_plan(spec.src, spec.dst, "mean")
+                self._mean = Engine(replace(spec, grad="mean", grad_plan=mean_plan, validate=False,
+                                            fingerprint=spec.fingerprint ^ 1,
+                                            crosses=(spec.crosses[0], mean_plan.crosses_wire())))  # type: ignore[union-attr]
             mean = self._mean.run(grad, rank, True)
             tol = 1e-5 if grad.dtype == torch.float64 else 1e-2 if grad.element_size() < 4 else 1e-4
             differ = not torch.allclose(result, mean, rtol=tol, atol=tol)
@@ -423,6 +420,7 @@ class Engine:
                 try:
                     self._headers(rank, backward, seq, None, (), None, transport, what,
                                   failed=getattr(error, "hpcomm_reason", 1))()
+                    transport.payload_tags([r for r in spec.ranks if r != rank])  # in step with peers
                 except comm.TransformError:
                     pass  # peers that never came: this rank's own error is the one to report
             raise error
@@ -432,7 +430,7 @@ class Engine:
         x_flat = x.detach().contiguous().view(-1)
         if out is None:
             if spec.identity and not backward:
-                return Call(self, None, x_flat, x, None, None, [], {}, [], what)
+                return Call(self, None, x_flat, x, None, None, [], {}, what)
             out = x_flat.new_empty(out_shape)
         data = out.detach()
         wire = spec.wire_dtype or x.dtype
@@ -445,115 +443,93 @@ class Engine:
         exe: Exec = EXECS.get((plan, outer, w_in, w_out, row_map, zero_copy, backend.name, x.device),
                               lambda: _prepare(plan, outer, w_in, w_out, row_map, zero_copy, backend,
                                                x.device))
-        check: Callable[[], dict[int, str]] = dict
-        if crosses and (exe.sends or exe.recvs or self._spans_group()):
+        header: Callable[[], None] = _nothing
+        if crosses:
             trailing = tuple(x.shape[1:-1] if spec.plan.col_mode else x.shape[1:])
-            check = self._headers(rank, backward, seq, x, trailing, exe, transport, what)
+            header = self._headers(rank, backward, seq, x, trailing, exe, transport, what)
         if exe.plan.zero_fill:  # only the destination rows: the rest of a caller's out is theirs
             data.zero_() if rows is None else data.index_fill_(0, rows, 0)
         out_flat = data.view(-1)
         send_buf = self.pool.take(exe.send_numel, wire, x.device) if exe.send_numel else None
         recv_buf = self.pool.take(exe.recv_numel, wire, x.device) if exe.recv_numel else None
-        # while the header is in flight: the local copies and the first message's packing
-        if not exe.plan.accumulate and exe.local is not None:
-            backend.apply(exe.local, x_flat, out_flat, False)
-        packed = 0  # messages packed so far, in order
-        for m in exe.sends[:1]:
+        deadline = transport.deadline()
+        if simulated:
+            transport.rank = rank
+        # Sends go out in the headers' round: a receiver posts its receive only once every header
+        # checks out, so a send of a size it does not expect is never received (and its tag, unique
+        # to this call, never matches a later receive).
+        tag = transport.payload_tags([r for r in spec.ranks if r != rank] if crosses else [])
+        pipelined = x.device.type == "cpu"
+        sends: list[comm.Pending] = []
+        batch = []
+        for m in exe.sends:
             if m.table is not None:
                 backend.apply(m.table, x_flat, send_buf, False)  # type: ignore[arg-type]
-            packed = 1
+            batch.append((m.peer, _place(m, x_flat, send_buf)))  # type: ignore[arg-type]
+            if pipelined:  # on the wire while the next message is packed
+                sends += transport.post(batch, [], tag, what, deadline)[0]
+                batch = []
+        sends += transport.post(batch, [], tag, what, deadline)[0]
+        if not exe.plan.accumulate and exe.local is not None:  # while the messages fly
+            backend.apply(exe.local, x_flat, out_flat, False)
         try:
-            bad = check()
+            header()
         except Exception:
             for buf in (send_buf, recv_buf):
                 if buf is not None:
                     self.pool.give(buf)
             raise
-        deadline = transport.deadline()
-        if simulated:
-            transport.rank = rank
-        recv_list = [(m.peer, _place(m, out_flat, recv_buf)) for m in exe.recvs if m.peer not in bad]  # type: ignore[arg-type]
-        _, posted = transport.post([], recv_list, comm.PAYLOAD_TAG, what, deadline)
-        recvs = {p.peer: p for p in posted}
-        pipelined = x.device.type == "cpu"
-        sends: list[comm.Pending] = []
-        batch = []
-        for i, m in enumerate(exe.sends):
-            if m.peer in bad:
-                continue
-            if m.table is not None and i >= packed:
-                backend.apply(m.table, x_flat, send_buf, False)  # type: ignore[arg-type]
-            batch.append((m.peer, _place(m, x_flat, send_buf)))  # type: ignore[arg-type]
-            if pipelined:  # on the wire while the next message is packed
-                sends += transport.post(batch, [], comm.PAYLOAD_TAG, what, deadline)[0]
-                batch = []
-        sends += transport.post(batch, [], comm.PAYLOAD_TAG, what, deadline)[0]
-        return Call(self, exe, x_flat, out, send_buf, recv_buf, sends, recvs, list(bad.values()), what)
-
-    def _spans_group(self) -> bool:
-        """Whether the transform's ranks are exactly its group's members: then one small
-        all-gather shows every rank every rank's header."""
-        if self._spans is None:
-            members = dist.get_process_group_ranks(self.spec.group or dist.group.WORLD)  # type: ignore[arg-type]
-            self._spans = sorted(members) == sorted(self.spec.ranks)
-        return self._spans
+        recv_list = [(m.peer, _place(m, out_flat, recv_buf)) for m in exe.recvs]  # type: ignore[arg-type]
+        recvs = {p.peer: p for p in transport.post([], recv_list, tag, what, deadline)[1]}
+        return Call(self, exe, x_flat, out, send_buf, recv_buf, sends, recvs, what)
 
     def _headers(self, rank: int, backward: bool, seq: int, x: torch.Tensor | None,
                  trailing: Sequence[int], exe: Exec | None, transport: comm.P2P, what: str,
-                 failed: int = 0) -> Callable[[], dict[int, str]]:
-        """Post this call's header exchange; the returned check waits for it (the caller does
-        local work in between, so the header's latency hides behind it). When the transform spans
-        its group, every rank sees every header and all decide alike: a disagreement anywhere
-        raises on every rank. Otherwise each pair of ranks that exchange data swap headers, and
-        the check returns {peer: what it disagrees on} (the call completes with the others, then
-        raises)."""
+                 failed: int = 0) -> Callable[[], None]:
+        """Post this call's header to every other rank of the transform and its receives from
+        them, all at once; the returned check waits for them (the caller posts its sends and copies
+        locally in between) and raises if any rank differs. Every rank sees every header, so all
+        decide alike: one disagreement anywhere raises on every rank, naming the ranks that differ
+        from the majority and how."""
         spec = self.spec
+        sizes: dict[int, tuple[int, int]] = {}
+        for m in (exe.sends if exe is not None else ()):
+            sizes[m.peer] = (m.numel, 0)
+        for m in (exe.recvs if exe is not None else ()):
+            sizes[m.peer] = (sizes.get(m.peer, (0, 0))[0], m.numel)
+        peers = [r for r in spec.ranks if r != rank]
+        on = torch.device("cpu") if transport.host_ok() or x is None else x.device
+        mine = {p: validate.header(spec.fingerprint, backward, seq, x, trailing, *sizes.get(p, (0, 0)),
+                                   failed=failed) for p in peers}
+        theirs = {p: torch.empty(validate.HEADER_LEN, dtype=torch.int64, device=on) for p in peers}
         deadline = transport.deadline()
-        if self._spans_group():
-            mine = validate.header(spec.fingerprint, backward, seq, x, trailing, failed=failed)
-            device = x.device if x is not None else torch.device("cpu")
-            gathered = transport.gather(torch.tensor(mine, dtype=torch.int64), what + " (header)", deadline, device)
-
-            def check_all() -> dict[int, str]:
-                problems = validate.odd_ones(gathered())
-                if problems and not failed:
-                    raise ValueError(f"rank {rank}: {what} refused: " + "; ".join(problems))
-                return {}
-            return check_all
-        if exe is None:  # this rank's input is bad: tell every peer the plan gives it
-            plan = spec.rank_plan(rank, backward)
-            sizes = {p: (0, 0) for p, _ in plan.sends + plan.recvs}
-        else:
-            sizes = {}
-            for m in exe.sends:
-                sizes[m.peer] = (m.numel, 0)
-            for m in exe.recvs:
-                sizes[m.peer] = (sizes.get(m.peer, (0, 0))[0], m.numel)
-        peers = sorted(sizes)
-        mine_for = {p: validate.header(spec.fingerprint, backward, seq, x, trailing, *sizes[p], failed=failed)
-                    for p in peers}
-        theirs = {p: torch.empty(validate.HEADER_LEN, dtype=torch.int64) for p in peers}
-        sent, got = transport.post([(p, torch.tensor(mine_for[p], dtype=torch.int64)) for p in peers],
+        sent, got = transport.post([(p, torch.tensor(mine[p], dtype=torch.int64, device=on)) for p in peers],
                                    list(theirs.items()), comm.HEADER_TAG, what + " (header)", deadline)
 
-        def check_pairs() -> dict[int, str]:
+        def check() -> None:
             if failed:  # this rank raises its own error once its peers have the flag
                 for pending in sent:
                     try:
                         pending.wait()
                     except comm.TransformError:
                         pass  # a peer that never came; the input error is what this rank reports
-                return {}
-            disagree: dict[int, str] = {}
-            for p, pending in zip(peers, got):
+                return
+            for pending in got:
                 pending.wait()
-                text = validate.disagreement(rank, mine_for[p], p, theirs[p].tolist())
-                if text is not None:
-                    disagree[p] = text
+            rows = {p: t.tolist() for p, t in theirs.items()}
+            rows[rank] = mine[peers[0]]
+            problems = validate.odd_ones(rows)  # the same on every rank: all raise alike
+            if not problems:  # then only the element counts a pair expects can still differ
+                problems = [text for p in sizes if (text := validate.disagreement(rank, mine[p], p, rows[p]))]
             for pending in sent:
                 pending.wait()
-            return disagree
-        return check_pairs
+            if problems:
+                raise ValueError(f"rank {rank}: {what} refused: " + "; ".join(problems))
+        return check
+
+
+def _nothing() -> None:
+    return None
 
 
 # -- the registry the custom ops read -----------------------------------------------------------

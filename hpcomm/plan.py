@@ -202,30 +202,6 @@ class Plan:
         c0, c1 = self.cols_of(layout, layout.index(rank))
         return c1 - c0
 
-    def pattern(self) -> str | None:
-        """"all_gather" or "broadcast" when the whole plan is exactly that collective over the
-        transform's ranks (whole rows, no partial sums), else None. Pure data, so every rank
-        reaches the same answer; it reads every rank's runs, once per plan."""
-        n = self.src.num_rows
-        if self.col_mode or self.src.partial or n == 0:
-            return None
-
-        def runs(layout: Layout, rank: int) -> list[tuple[int, ...]]:
-            return list(zip(*(a.tolist() for a in layout.runs(rank))))
-
-        if any(runs(self.dst, r) != [(0, n)] for r in self.dst.ranks):
-            return None
-        if len(self.src.ranks) == 1 and runs(self.src, self.src.ranks[0]) == [(0, n)]:
-            return "broadcast"
-        members = sorted(self.src.ranks)
-        size = n // len(members)
-        if members != sorted(self.dst.ranks) or size * len(members) != n:
-            return None
-        # all_gather_into_tensor concatenates equal blocks in group-rank order
-        if all(runs(self.src, r) == [(i * size, size)] for i, r in enumerate(members)):
-            return "all_gather"
-        return None
-
     def holder_counts(self, rank: int) -> np.ndarray:
         """[local rows, local cols] (cols = 1 without column splits): how many destination ranks hold
         each element of ``rank``'s destination shard."""

@@ -72,7 +72,7 @@ def misuse(rank, world_size, case):
     ("skip_backward_dp", ["skipped a backward"]),
     ("stale_lengths", ["different layouts"]),
     ("meta", ["meta"]),
-    ("peer_fails", ["not every rank of the transform joined"]),
+    ("peer_fails", ["rank 2 did not take part"]),
 ])
 def test_every_rank_raises_naming_the_difference(world, case, named):
     results = world(4).run(misuse, case, timeout=120)
@@ -117,3 +117,18 @@ def test_pairwise_headers_when_the_transform_is_a_subset_of_its_group(world, cas
     for rank, (elapsed, message) in enumerate(world(4).run(subset_misuse, case, timeout=120)[:2]):
         assert message.startswith("ValueError") and named in message, (rank, message)
         assert elapsed < TIMEOUT + SLACK, (rank, elapsed)
+
+
+def refused_then_reused(rank, world_size):
+    """A refused call leaves its sends unreceived; the group's next calls must not receive them."""
+    src, dst = Layout.cp([0, 1], LENS, "zigzag"), Layout.cp([0, 1], LENS, "contiguous")
+    x_global = torch.randn(N, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    bad = src.shard(x_global, rank).to(torch.float32 if rank == 0 else torch.float64)
+    refused = attempt(lambda: Transform(src, dst, timeout=TIMEOUT)(bad))[1]
+    good = [Transform(src, dst, timeout=TIMEOUT)(src.shard(x_global, rank)) for _ in range(2)]
+    return refused, all(torch.equal(y, dst.shard(x_global, rank)) for y in good)
+
+
+def test_a_refused_call_leaves_the_group_usable(world):
+    for refused, ok in world(2).run(refused_then_reused, timeout=120):
+        assert refused.startswith("ValueError") and ok, refused
