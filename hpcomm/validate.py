@@ -1,12 +1,11 @@
 """Cross-rank checks: the in-band header every call exchanges with its peers (always on), and the
 full fingerprint agreement of ``validate=True`` (for debugging).
 
-Header: before any payload moves, two ranks that exchange anything in a call swap one small
-header (the transform's fingerprint, direction, call number, dtype, device, trailing shape, the
-element counts each expects of the other, and whether the sender's own input check failed). Each
-side compares the two the same way, so both see the same disagreement and neither posts a payload
-of a size the other does not expect (gloo aborts the process on that). Ranks that agree still
-complete their exchange, so a bad rank makes its peers raise instead of hang.
+Header: in every call that moves anything off-rank, each rank of the transform sends every other
+one small header (the transform's fingerprint, direction, call number, dtype, device, trailing
+shape, the element counts the pair exchanges, and whether the sender's own input check failed).
+Every rank sees every header and applies the same rule (``odd_ones``), so all raise alike, and no
+rank posts a receive of a size the sender does not send (gloo aborts the process on that).
 """
 
 from __future__ import annotations
