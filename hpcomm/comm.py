@@ -45,10 +45,6 @@ def default_timeout(group: dist.ProcessGroup | None = None) -> float:
         return dist.default_pg_timeout.total_seconds()
 
 
-def world_size(group: dist.ProcessGroup | None) -> int:
-    return dist.get_world_size(group)
-
-
 class Deadline:
     """One call's time budget: every wait of the call draws on the same ``timeout`` seconds."""
 

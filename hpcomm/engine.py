@@ -31,7 +31,7 @@ import math
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
@@ -70,11 +70,24 @@ class Spec:
     validate: bool  # the full cross-rank check before every call (debugging)
     fingerprint: int  # equal across processes for equal layouts and options
     ranks: tuple[int, ...]  # every rank of src and dst, in first-appearance order
-    crosses: tuple[bool, bool]  # (forward, backward): does anything leave any rank?
 
-    @property
+    # derived once from the plans (layouts compare by value, which a call need not redo)
+    @cached_property
     def identity(self) -> bool:
         return self.src == self.dst
+
+    @cached_property
+    def crosses(self) -> tuple[bool, bool]:
+        """(forward, backward): does anything leave any rank? The adjoint's messages are the
+        forward's reversed; grad None has no backward."""
+        forward = self.plan.crosses_wire()
+        if self.grad is None:
+            return forward, False
+        return forward, (self.grad_plan or self.plan).crosses_wire()
+
+    def trailing(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The trailing dims every rank must agree on (the split last dim excluded)."""
+        return tuple(x.shape[1:-1] if self.plan.col_mode else x.shape[1:])
 
     def rank_plan(self, rank: int, backward: bool) -> RankPlan:
         if not backward:
@@ -367,7 +380,7 @@ class Engine:
 
     def check_world(self, rank: int) -> None:
         """Ranks the layouts name must exist: otherwise messages go to no one and hang."""
-        size = comm.world_size(self.spec.group)
+        size = dist.get_world_size(self.spec.group)
         outside = [r for r in self.spec.ranks if r >= size]
         if outside:
             raise ValueError(f"rank {rank}: the transform's layouts name ranks {outside}, but the "
@@ -388,13 +401,11 @@ class Engine:
             if self._mean is None:
                 mean_plan = grad_plan(spec.src, spec.dst, "mean")
                 self._mean = Engine(replace(spec, grad="mean", grad_plan=mean_plan, validate=False,
-                                            fingerprint=spec.fingerprint ^ 1,
-                                            crosses=(spec.crosses[0], mean_plan.crosses_wire())))  # type: ignore[union-attr]
+                                            fingerprint=spec.fingerprint ^ 1))
             mean = self._mean.run(grad, rank, True)
             tol = 1e-5 if grad.dtype == torch.float64 else 1e-2 if grad.element_size() < 4 else 1e-4
             differ = not torch.allclose(result, mean, rtol=tol, atol=tol)
-            trailing = tuple(grad.shape[1:-1] if spec.plan.col_mode else grad.shape[1:])
-            validate.agree(spec.fingerprint, spec.ranks, rank, grad, trailing, True, None, self.transport,
+            validate.agree(spec.fingerprint, spec.ranks, rank, grad, spec.trailing(grad), True, None, self.transport,
                            extra=int(differ))
         return result
 
@@ -413,7 +424,7 @@ class Engine:
         simulated = isinstance(transport, comm.Simulated)
         crosses = spec.crosses[backward] and not simulated
         if spec.validate and not simulated:
-            trailing = tuple(x.shape[1:-1] if spec.plan.col_mode else x.shape[1:]) if error is None else ()
+            trailing = spec.trailing(x) if error is None else ()
             validate.agree(spec.fingerprint, spec.ranks, rank, x, trailing, backward, error, transport)
         if error is not None:
             if crosses:
@@ -445,8 +456,7 @@ class Engine:
                                                x.device))
         header: Callable[[], None] = _nothing
         if crosses:
-            trailing = tuple(x.shape[1:-1] if spec.plan.col_mode else x.shape[1:])
-            header = self._headers(rank, backward, seq, x, trailing, exe, transport, what)
+            header = self._headers(rank, backward, seq, x, spec.trailing(x), exe, transport, what)
         if exe.plan.zero_fill:  # only the destination rows: the rest of a caller's out is theirs
             data.zero_() if rows is None else data.index_fill_(0, rows, 0)
         out_flat = data.view(-1)

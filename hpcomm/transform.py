@@ -71,8 +71,7 @@ class Transform:
         options = (grad, str(wire_dtype), zero_copy)  # what changes what crosses the wire, or how
         self.spec = engine.Spec(
             src, dst, plan, gplan, grad, group, backend, wire_dtype, timeout, zero_copy, validate,
-            engine.fingerprint(src, dst, options), tuple(dict.fromkeys(src.ranks + dst.ranks)),
-            (plan.crosses_wire(), grad is not None and (gplan or plan).crosses_wire()))
+            engine.fingerprint(src, dst, options), tuple(dict.fromkeys(src.ranks + dst.ranks)))
         self._engine = engine.Engine(self.spec)
         self._handle = torch.tensor([engine.register(self._engine)], dtype=torch.int64)
         # the registry holds engines weakly; an autograd graph holds this tensor, so a graph whose
@@ -142,16 +141,16 @@ class Transform:
         if error is not None:
             error = failure(error, validate.REASONS.index("a bad out= or out_rows="))
         else:
+            # checked here, not only in the engine: a meta tensor never reaches the op's real
+            # kernel (its fake one runs), so this rank would neither raise nor tell its peers
             error = self._engine.local_error(x, rank, backward=False)
         if error is not None:
             self._engine.start(x, rank, False, error=error)  # tells the peers, then raises
         if out is None and not async_op:
             if self.spec.identity:  # every rank returns its input, uncopied
                 return _Alias.apply(x.detach() if self.spec.grad is None else x, anchor, self)
-            if frozen:
-                with torch.no_grad():
-                    return ops.transform(x, anchor, self._handle, self._sizes(rank))
-            return ops.transform(x, anchor, self._handle, self._sizes(rank))
+            with torch.set_grad_enabled(not frozen):
+                return ops.transform(x, anchor, self._handle, self._sizes(rank))
         rows = None if out_rows is None else torch.as_tensor(out_rows, device=out.device)  # type: ignore[union-attr]
         call = self._engine.start(x, rank, False, out, rows)
 
