@@ -422,6 +422,8 @@ class Engine:
         self.calls[backward] += 1
         transport = transport or self.transport
         simulated = isinstance(transport, comm.Simulated)
+        if not simulated:  # here, not in Transform: compiled calls reach the engine directly
+            self.check_world(rank)
         crosses = spec.crosses[backward] and not simulated
         if spec.validate and not simulated:
             trailing = spec.trailing(x) if error is None else ()

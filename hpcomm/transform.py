@@ -213,7 +213,7 @@ class Transform:
         rank = dist.get_rank()
         if rank not in self.ranks:
             raise ValueError(f"rank {rank} is neither in src nor in dst of this transform")
-        self._engine.check_world(rank)
+        self._engine.check_world(rank)  # before the op: its first call in a process takes seconds
         return rank
 
     def _out_error(self, x: torch.Tensor, rank: int, out: Any,

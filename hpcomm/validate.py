@@ -80,8 +80,7 @@ def disagreement(me: int, mine: Sequence[int], peer: int, theirs: Sequence[int])
     if mine[FAILED]:
         return None  # this rank raises its own error
     if mine[FINGERPRINT] != theirs[FINGERPRINT] or mine[BACKWARD] != theirs[BACKWARD] or mine[SEQ] != theirs[SEQ]:
-        hint = ""
-        if mine[FINGERPRINT] == theirs[FINGERPRINT] and mine[BACKWARD] != theirs[BACKWARD]:
+        if mine[BACKWARD] != theirs[BACKWARD]:  # with a new transform every step, too
             hint = " (a rank skipped a backward, or ran one the others did not)"
         elif mine[FINGERPRINT] == theirs[FINGERPRINT]:
             hint = " (the ranks made different numbers of calls)"

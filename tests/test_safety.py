@@ -132,3 +132,25 @@ def refused_then_reused(rank, world_size):
 def test_a_refused_call_leaves_the_group_usable(world):
     for refused, ok in world(2).run(refused_then_reused, timeout=120):
         assert refused.startswith("ValueError") and ok, refused
+
+
+def compiled_loop_with_a_skipped_backward(rank, world_size):
+    """A compiled step with a new layout every step; at step 2 rank 1 skips its backward."""
+    proj = torch.nn.Linear(4, 4)
+    step = torch.compile(lambda x, t: proj(t(x * 2)).square().sum(), fullgraph=True, backend="aot_eager")
+    for i in range(3):
+        lens = [5 + i, 7, 3 + 2 * i]
+        t = Transform(Layout.cp([0, 1], lens, "zigzag"), Layout.dp([0, 1], lens, "balanced"), timeout=TIMEOUT)
+        x = torch.randn(t.src.local_num_rows(rank), 4, requires_grad=True)
+        loss = step(x, t)
+        if i == 2 and rank == 1:
+            return attempt(lambda: step(x.detach(), t))  # the next forward instead of the backward
+        if i == 2:
+            return attempt(loss.backward)
+        loss.backward()
+
+
+def test_compiled_loop_with_a_skipped_backward(world):
+    for rank, (elapsed, message) in enumerate(world(2).run(compiled_loop_with_a_skipped_backward, timeout=300)):
+        assert message.startswith("ValueError") and "skipped a backward" in message, (rank, message)
+        assert elapsed < TIMEOUT + SLACK, (rank, elapsed)
