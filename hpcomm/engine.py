@@ -432,7 +432,7 @@ class Engine:
             if crosses:
                 try:
                     self._headers(rank, backward, seq, None, (), None, transport, what,
-                                  failed=getattr(error, "hpcomm_reason", 1))()
+                                  transport.deadline(), failed=getattr(error, "hpcomm_reason", 1))()
                     transport.payload_tags([r for r in spec.ranks if r != rank])  # in step with peers
                 except comm.TransformError:
                     pass  # peers that never came: this rank's own error is the one to report
@@ -456,15 +456,15 @@ class Engine:
         exe: Exec = EXECS.get((plan, outer, w_in, w_out, row_map, zero_copy, backend.name, x.device),
                               lambda: _prepare(plan, outer, w_in, w_out, row_map, zero_copy, backend,
                                                x.device))
+        deadline = transport.deadline()  # every wait of this call, headers included
         header: Callable[[], None] = _nothing
         if crosses:
-            header = self._headers(rank, backward, seq, x, spec.trailing(x), exe, transport, what)
+            header = self._headers(rank, backward, seq, x, spec.trailing(x), exe, transport, what, deadline)
         if exe.plan.zero_fill:  # only the destination rows: the rest of a caller's out is theirs
             data.zero_() if rows is None else data.index_fill_(0, rows, 0)
         out_flat = data.view(-1)
         send_buf = self.pool.take(exe.send_numel, wire, x.device) if exe.send_numel else None
         recv_buf = self.pool.take(exe.recv_numel, wire, x.device) if exe.recv_numel else None
-        deadline = transport.deadline()
         if simulated:
             transport.rank = rank
         # Sends go out in the headers' round: a receiver posts its receive only once every header
@@ -497,7 +497,7 @@ class Engine:
 
     def _headers(self, rank: int, backward: bool, seq: int, x: torch.Tensor | None,
                  trailing: Sequence[int], exe: Exec | None, transport: comm.P2P, what: str,
-                 failed: int = 0) -> Callable[[], None]:
+                 deadline: comm.Deadline, failed: int = 0) -> Callable[[], None]:
         """Post this call's header to every other rank of the transform and its receives from
         them, all at once; the returned check waits for them (the caller posts its sends and copies
         locally in between) and raises if any rank differs. Every rank sees every header, so all
@@ -514,7 +514,6 @@ class Engine:
         mine = {p: validate.header(spec.fingerprint, backward, seq, x, trailing, *sizes.get(p, (0, 0)),
                                    failed=failed) for p in peers}
         theirs = {p: torch.empty(validate.HEADER_LEN, dtype=torch.int64, device=on) for p in peers}
-        deadline = transport.deadline()
         sent, got = transport.post([(p, torch.tensor(mine[p], dtype=torch.int64, device=on)) for p in peers],
                                    list(theirs.items()), comm.HEADER_TAG, what + " (header)", deadline)
 
