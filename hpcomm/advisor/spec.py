@@ -221,14 +221,11 @@ class ModuleDims:
 
     @classmethod
     def parse(cls, text: str) -> ModuleDims:
-        """'dp=2,tp=2' -> ModuleDims(dp=2, tp=2)."""
-        dims: dict[str, int] = {}
-        for item in filter(None, text.replace(" ", "").split(",")):
-            key, _, value = item.partition("=")
-            if key not in ("dp", "cp", "tp", "pp") or not value.isdigit() or int(value) < 1:
-                raise ValueError(f"bad degree {item!r} in {text!r} (want dp=,cp=,tp=,pp= >= 1)")
-            dims[key] = int(value)
-        return cls(**dims)
+        """'dp=2,tp=2' -> ModuleDims(dp=2, tp=2), with the reference trainer's syntax and checks."""
+        from hpcomm.trainer.parallelize import ParallelDims  # the one parser of degree specs
+
+        d = ParallelDims.parse(text)
+        return cls(dp=d.dp, cp=d.cp, tp=d.tp, pp=d.pp)
 
 
 @dataclass(frozen=True)
