@@ -20,7 +20,8 @@ from hpcomm.tools.launch import World
 METHODS = ("hpcomm", "a2a", "wire", "wire_p2p", "header")
 
 
-def profile_rank(rank: int, world_size: int, src: str, dst: str, rows: int, calls: int) -> tuple[dict, str]:
+def profile_rank(rank: int, world_size: int, src: str, dst: str, rows: int, calls: int, sort: str
+                 ) -> tuple[dict, str]:
     """Mean microseconds per back-to-back call of each method; rank 0 also returns the profile."""
     cfg = {"case": f"{src} -> {dst}", "src_text": src, "dst_text": dst, "src": bench.parse_spec(src),
            "dst": bench.parse_spec(dst), "placement": "colocated", "seq_lens": bench.ragged_lens(rows, 16),
@@ -43,7 +44,7 @@ def profile_rank(rank: int, world_size: int, src: str, dst: str, rows: int, call
         p.runners["hpcomm"]()
     prof.disable()
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(25)
+    pstats.Stats(prof, stream=text).sort_stats(sort).print_stats(25)
     return mean_us, text.getvalue() if rank == 0 else ""
 
 
@@ -53,9 +54,10 @@ def main() -> None:
     ap.add_argument("--dst", default="cp=4,cp_mode=contiguous")
     ap.add_argument("--rows", type=int, default=64, help="rows of 1 KiB (fp32 x 256)")
     ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--sort", default="cumulative", help="pstats sort key (tottime: own time)")
     args = ap.parse_args()
     with World(4, pg_timeout=600) as world:
-        results = world.run(profile_rank, args.src, args.dst, args.rows, args.calls, timeout=3600)
+        results = world.run(profile_rank, args.src, args.dst, args.rows, args.calls, args.sort, timeout=3600)
     print(f"{args.src} -> {args.dst}, {args.rows * 1024} B, {args.calls} back-to-back calls; "
           f"mean us per call on each rank:")
     for rank, (mean_us, _) in enumerate(results):

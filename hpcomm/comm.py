@@ -8,23 +8,24 @@ each call's payloads travel under tags of their own):
   by the call's timeout and a failure names the peer and what the call was doing.
 - ``Simulated``: a whole world in one process; a posted receive is filled from the matching send.
 
-Why point to point only: a collective (all_to_all_single) needs every member to post a receive of
-the size it expects before anyone can check the others' headers, so a disagreement would reach
-gloo's size check (a process abort); point to point lets a rank post each receive only after the
-headers agree. Measured on gloo it is as fast or faster from 16 MiB (docs/BENCHMARKS.md).
+Why point to point only: a collective (all_to_all_single) sends every message before anyone can
+check the others' headers, so a disagreement would reach gloo's size check (a process abort);
+point to point lets a rank send each message only once its receiver's header agrees, and still
+post every receive at once (docs/BENCHMARKS.md has the comparison).
 """
 
 from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
 HEADER_TAG = 0x6870  # headers and payloads never match each other's receives
 PAYLOAD_TAG = 0x10000  # payload tags run from here: one per call between a pair of ranks
+HEADER_BYTES = 128  # a header's room at the front of its message: a payload after it is aligned
 
 Tags = int | Mapping[int, int]  # one tag, or one per peer
 
@@ -63,8 +64,20 @@ class Pending:
                  on_device: bool) -> None:
         self._work, self.peer, self._kind, self._what = work, peer, kind, what
         self._deadline, self._on_device = deadline, on_device
+        self._error: str | None = None  # a failed wait fails again (its buffer was never filled)
+
+    def renew(self, what: str, deadline: Deadline) -> Pending:
+        """A receive posted ahead, now part of the call ``what``: its waits draw on that call's time."""
+        self._what, self._deadline = what, deadline
+        return self
+
+    def done(self) -> bool:
+        """Whether the message has moved (or failed), without waiting."""
+        return self._work is None or self._error is not None or self._work.is_completed()
 
     def wait(self) -> None:
+        if self._error is not None:
+            raise TransformError(self._error)
         if self._work is None:
             return
         work, self._work = self._work, None
@@ -76,7 +89,8 @@ class Pending:
             else:
                 work.wait(timedelta(seconds=self._deadline.left()))
         except RuntimeError as e:
-            raise TransformError(_failure(self._what, self._kind, self.peer, self._deadline.timeout, e)) from None
+            self._error = _failure(self._what, self._kind, self.peer, self._deadline.timeout, e)
+            raise TransformError(self._error) from None
 
 
 def _failure(what: str, kind: str, peer: int, timeout: float, error: Exception) -> str:
@@ -89,6 +103,19 @@ def _failure(what: str, kind: str, peer: int, timeout: float, error: Exception) 
     else:
         why = f"the transport failed ({text.splitlines()[0] if text else type(error).__name__})"
     return f"rank {dist.get_rank()}: {what}: {kind} rank {peer} failed: {why}"
+
+
+def _renew(slot: tuple[torch.Tensor, Pending], what: str, deadline: Deadline) -> tuple[torch.Tensor, Pending]:
+    return slot[0], slot[1].renew(what + " (header)", deadline)
+
+
+def keep(*objects: Any) -> None:
+    """Keep a failed call's buffers and posted messages alive for good: a message still posted
+    may yet move, and gloo stalls the pair if a posted receive's buffer is freed."""
+    _KEPT.append(objects)
+
+
+_KEPT: list[tuple[Any, ...]] = []
 
 
 class P2P:
@@ -133,6 +160,53 @@ class P2P:
                         on_device) for w, op in zip(works, ops)]
         return pend[:len(sends)], pend[len(sends):]
 
+    def inline_room(self) -> int:
+        """Bytes of payload a header message may carry (0: none): the same on every rank of the
+        group (every receive posted ahead has this room), bounded so that all of them together
+        stay within 16 MiB. Only on the host, where headers are received ahead."""
+        if not self.host_ok():
+            return 0
+        peers = max(dist.get_world_size(self.group) - 1, 1)
+        return max(min(INLINE_MAX, (16 << 20) // peers) // 16 * 16, 0)
+
+    def headers(self, peers: Sequence[int], what: str, deadline: Deadline, device: torch.device
+                ) -> dict[int, tuple[torch.Tensor, Pending]]:
+        """This call's receive of each peer's header message (the one the previous call posted
+        ahead, or one posted now), and the next call's, posted ahead. With the receive already
+        waiting, a peer's header goes out the moment it is ready (one hop, like a collective's own
+        notification). Only host headers are received ahead: a pending NCCL receive would hold up
+        the stream's later sends."""
+        box = self._inbox()
+        missing = [(p, torch.empty(self._room(), dtype=torch.uint8, device=device))
+                   for p in peers if box is None or p not in box]
+        posted = dict(zip((p for p, _ in missing), self.post([], missing, HEADER_TAG, what + " (header)", deadline)[1]))
+        bufs = dict(missing)
+        slots = {p: (bufs[p], posted[p]) if p in posted else _renew(box.pop(p), what, deadline)  # type: ignore[union-attr]
+                 for p in peers}
+        self._ahead(peers, deadline)
+        return slots
+
+    def _ahead(self, peers: Sequence[int], deadline: Deadline) -> None:
+        """Post the receive of each peer's next header now, so that it waits long before the peer
+        sends (posting it as the call ends measured slower: the peer may be sending already)."""
+        box = self._inbox()
+        if box is None:
+            return
+        new = [(p, torch.empty(self._room(), dtype=torch.uint8)) for p in peers if p not in box]
+        for (p, buf), pending in zip(new, self.post([], new, HEADER_TAG, "a later call (header)", deadline)[1]):
+            box[p] = (buf, pending)
+
+    def _room(self) -> int:
+        return HEADER_BYTES + self.inline_room()
+
+    def _inbox(self) -> dict[int, tuple[torch.Tensor, Pending]] | None:
+        if not self.host_ok():
+            return None
+        key = id(self.group)
+        if key not in _inboxes or _inboxes[key][0] is not self.group:
+            _inboxes[key] = (self.group, {})
+        return _inboxes[key][1]
+
     def host_ok(self) -> bool:
         """Whether the group moves host tensors (gloo, or "cpu:gloo,cuda:nccl"): then headers stay
         on the host; an NCCL-only group needs them on the device (one sync per call to read)."""
@@ -143,6 +217,9 @@ class P2P:
 
 
 _pair_calls: dict[tuple[int, int], int] = {}  # (id of the group, peer) -> calls made together
+# id of the group -> (the group, {peer: its next header's receive, posted ahead})
+_inboxes: dict[int, tuple[Any, dict[int, tuple[torch.Tensor, Pending]]]] = {}
+INLINE_MAX = 256 << 10  # a payload up to this size rides in its header's message
 
 
 class Simulated:

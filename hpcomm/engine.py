@@ -196,7 +196,6 @@ def _messages(segments: Sequence[tuple[int, Segments]], outer: int, width: int, 
               row_map: tuple[np.ndarray, np.ndarray] | None, direct_ok: bool, backend: Backend,
               device: torch.device) -> tuple[tuple[Message, ...], int]:
     out, pos = [], 0
-    buf_col = 1 if tensor_is_src else 0
     tensor_col = 0 if tensor_is_src else 1
     for peer, seg in segments:
         numel, table = _table(seg, outer, width, tensor_is_src, row_map)
@@ -204,7 +203,6 @@ def _messages(segments: Sequence[tuple[int, Segments]], outer: int, width: int, 
         if direct_ok and contiguous:
             out.append(Message(peer, numel, int(table[0, tensor_col]), 0, None))
             continue
-        table[:, buf_col] += pos
         out.append(Message(peer, numel, None, pos, backend.prepare(torch.from_numpy(table), device)))
         pos += numel
     return tuple(out), pos
@@ -298,43 +296,97 @@ class Call:
     """One direction of one call in flight on one rank; ``finish`` completes it."""
 
     def __init__(self, engine: Engine, exe: Exec | None, x_flat: torch.Tensor, out: torch.Tensor,
-                 send_buf: torch.Tensor | None, recv_buf: torch.Tensor | None,
-                 sends: list[comm.Pending], recvs: dict[int, comm.Pending], what: str) -> None:
+                 send_buf: torch.Tensor | None, recv_buf: torch.Tensor | None, what: str,
+                 round: validate.Round | None = None) -> None:
         self.engine, self.exe, self.x_flat, self.out = engine, exe, x_flat, out
-        self.send_buf, self.recv_buf, self.sends, self.recvs = send_buf, recv_buf, sends, recvs
-        self.what = what
+        self.send_buf, self.recv_buf, self.what, self.round = send_buf, recv_buf, what, round
+        self.sends: list[comm.Pending] = []
+        self.recvs: dict[int, comm.Pending] = {}  # the rest arrive in their headers' messages
+        self.inline: list[torch.Tensor] = []  # header messages carrying a payload (pooled)
+        self.checked = round is None
 
     def finish(self) -> torch.Tensor:
         exe = self.exe
         if exe is None:  # the output is the input (identity) or has no rows
             return self.out
         out_flat = self.out.detach().view(-1)
+        done = False
         try:
+            if not self.checked:
+                self.check()
             if exe.plan.accumulate:  # contributions added in the plan's order, each as it arrives
                 by_peer = {m.peer: m for m in exe.recvs}
                 for r in exe.plan.order:
                     if r == exe.plan.rank:
                         self._apply(exe.local, self.x_flat, out_flat, True)
-                    elif r in self.recvs:
-                        self.recvs[r].wait()
-                        self._apply(by_peer[r].table, self.recv_buf, out_flat, True)
+                    elif r in by_peer:
+                        self._deliver(by_peer[r], out_flat, True)
             else:
                 for m in exe.recvs:
-                    if m.peer in self.recvs:
-                        self.recvs[m.peer].wait()
-                        self._apply(m.table, self.recv_buf, out_flat, False)
+                    self._deliver(m, out_flat, False)
             for s in self.sends:
                 s.wait()
+            done = True
         finally:
-            for buf in (self.send_buf, self.recv_buf):
-                if buf is not None:
-                    self.engine.pool.give(buf)
+            self.release(done)
         return self.out
+
+    def _deliver(self, m: Message, out_flat: torch.Tensor, accumulate: bool) -> None:
+        """Wait for one message and unpack it (a payload that rode in its header's message is
+        unpacked from there)."""
+        if m.peer in self.recvs:
+            self.recvs[m.peer].wait()
+            src = _place(m, out_flat, self.recv_buf)  # type: ignore[arg-type]
+        else:
+            src = self.round.inline(m.peer, out_flat.dtype if self.recv_buf is None else self.recv_buf.dtype,  # type: ignore[union-attr]
+                                    m.numel)
+            if m.table is None:  # lands as one block
+                _place(m, out_flat, self.recv_buf).copy_(src)  # type: ignore[arg-type]
+        self._apply(m.table, src, out_flat, accumulate)
+
+    def check(self) -> None:
+        """Raise, on every rank alike, if any rank's header differs (the headers all arrived while
+        this rank packed and sent)."""
+        exe, round = self.exe, self.round
+        assert exe is not None and round is not None
+        problems = round.problems([m.peer for m in exe.sends] + [m.peer for m in exe.recvs])
+        if problems:
+            raise ValueError(f"rank {exe.plan.rank}: {self.what} refused: " + "; ".join(problems))
+        self.checked = True
+
+    def release(self, done: bool) -> None:
+        """Give the buffers back. After a failure, first let the payloads both sides agreed on
+        finish moving (so no buffer is reused under them); a receive no peer will fill, or one
+        that failed, keeps its buffer for good (a late sender would write into it; gloo must
+        never see a posted receive dropped)."""
+        keep = False
+        if not done:
+            if self.round is not None:
+                keep |= not self.round.settle()
+            for pending in self.sends:
+                keep |= not _settle(pending)
+            for peer, pending in self.recvs.items():
+                agreed = self.round is None or self.round.verdict(peer)
+                keep |= not (agreed and _settle(pending))
+        if keep:
+            comm.keep(self.send_buf, self.recv_buf, self.inline, self.sends, self.recvs, self.round)
+            return
+        for buf in (self.send_buf, self.recv_buf, *self.inline):
+            if buf is not None:
+                self.engine.pool.give(buf)
 
     def _apply(self, table: Prepared | None, src: torch.Tensor | None, dst: torch.Tensor,
                accumulate: bool) -> None:
         if table is not None and src is not None:
             self.exe.backend.apply(table, src, dst, accumulate)  # type: ignore[union-attr]
+
+
+def _settle(pending: comm.Pending) -> bool:
+    try:
+        pending.wait()
+        return True
+    except comm.TransformError:
+        return False
 
 
 class Engine:
@@ -428,14 +480,14 @@ class Engine:
         if spec.validate and not simulated:
             trailing = spec.trailing(x) if error is None else ()
             validate.agree(spec.fingerprint, spec.ranks, rank, x, trailing, backward, error, transport)
+        # Every call that crosses the wire counts, refused ones too: both sides of a pair count alike.
+        tags = transport.payload_tags([r for r in spec.ranks if r != rank] if crosses else [])
         if error is not None:
             if crosses:
-                try:
-                    self._headers(rank, backward, seq, None, (), None, transport, what,
-                                  transport.deadline(), failed=getattr(error, "hpcomm_reason", 1))()
-                    transport.payload_tags([r for r in spec.ranks if r != rank])  # in step with peers
-                except comm.TransformError:
-                    pass  # peers that never came: this rank's own error is the one to report
+                round = self._round(rank, backward, seq, None, (), None, tags, {}, transport, what,
+                                    transport.deadline(), failed=getattr(error, "hpcomm_reason", 1))
+                if not round.settle():  # peers that never came: this rank's own error is the one to report
+                    comm.keep(round)
             raise error
         plan, outer, w_in, w_out, out_shape = spec.geometry(rank, backward, x.shape[1:])
         if backward and spec.grad == "mean":
@@ -443,7 +495,7 @@ class Engine:
         x_flat = x.detach().contiguous().view(-1)
         if out is None:
             if spec.identity and not backward:
-                return Call(self, None, x_flat, x, None, None, [], {}, what)
+                return Call(self, None, x_flat, x, None, None, what)
             out = x_flat.new_empty(out_shape)
         data = out.detach()
         wire = spec.wire_dtype or x.dtype
@@ -457,90 +509,95 @@ class Engine:
                               lambda: _prepare(plan, outer, w_in, w_out, row_map, zero_copy, backend,
                                                x.device))
         deadline = transport.deadline()  # every wait of this call, headers included
-        header: Callable[[], None] = _nothing
-        if crosses:
-            header = self._headers(rank, backward, seq, x, spec.trailing(x), exe, transport, what, deadline)
         if exe.plan.zero_fill:  # only the destination rows: the rest of a caller's out is theirs
             data.zero_() if rows is None else data.index_fill_(0, rows, 0)
         out_flat = data.view(-1)
         send_buf = self.pool.take(exe.send_numel, wire, x.device) if exe.send_numel else None
         recv_buf = self.pool.take(exe.recv_numel, wire, x.device) if exe.recv_numel else None
+        call = Call(self, exe, x_flat, out, send_buf, recv_buf, what)
         if simulated:
             transport.rank = rank
-        # Sends go out in the headers' round: a receiver posts its receive only once every header
-        # checks out, so a send of a size it does not expect is never received (and its tag, unique
-        # to this call, never matches a later receive).
-        tag = transport.payload_tags([r for r in spec.ranks if r != rank] if crosses else [])
-        pipelined = x.device.type == "cpu"
-        sends: list[comm.Pending] = []
-        batch = []
-        for m in exe.sends:
-            if m.table is not None:
-                backend.apply(m.table, x_flat, send_buf, False)  # type: ignore[arg-type]
-            batch.append((m.peer, _place(m, x_flat, send_buf)))  # type: ignore[arg-type]
-            if pipelined:  # on the wire while the next message is packed
-                sends += transport.post(batch, [], tag, what, deadline)[0]
-                batch = []
-        sends += transport.post(batch, [], tag, what, deadline)[0]
-        if not exe.plan.accumulate and exe.local is not None:  # while the messages fly
-            backend.apply(exe.local, x_flat, out_flat, False)
+        # On the host (gloo) every receive is posted at once, before any header is checked: a
+        # sender sends only once this rank's header agrees with its own, so each message is
+        # exactly the size its receive expects, and it lands the moment it is sent. A payload
+        # small enough rides in its header's message (whose receive is always posted ahead, with
+        # room for it). Other messages go out one by one, each packed while the previous one is on
+        # the wire. NCCL needs a rank's sends and receives in one group, so there the headers are
+        # checked first.
+        eager = x.device.type == "cpu"
+        local_done = False
+        small = transport.inline_room() // wire.itemsize if crosses and eager else -1
         try:
-            header()
-        except Exception:
-            for buf in (send_buf, recv_buf):
-                if buf is not None:
-                    self.pool.give(buf)
+            inline = {}  # header room, then the payload packed straight behind it
+            for m in exe.sends:
+                if m.numel <= small:
+                    inline[m.peer] = message = self.pool.take(comm.HEADER_BYTES + m.numel * wire.itemsize,
+                                                              torch.uint8, x.device)
+                    self._pack(m, x_flat, send_buf, backend, message[comm.HEADER_BYTES:].view(wire))
+            call.inline = list(inline.values())
+            if crosses:
+                call.round = self._round(rank, backward, seq, x, spec.trailing(x), exe, tags, inline, transport,
+                                         what, deadline)
+                call.checked = False
+            if eager:
+                call.recvs = {p.peer: p for p in transport.post(
+                    [], [(m.peer, _place(m, out_flat, recv_buf)) for m in exe.recvs if m.numel > small],  # type: ignore[arg-type]
+                    tags, what, deadline)[1]}
+            batch, waiting = [], []  # waiting: packed, its receiver's header not yet here
+            for m in exe.sends:
+                if m.numel > small:
+                    message = (m.peer, self._pack(m, x_flat, send_buf, backend))
+                    if not eager or (call.round is not None and not call.round.arrived(m.peer)):
+                        (batch if not eager else waiting).append(message)
+                    elif call.round is None or call.round.agrees(m.peer):
+                        call.sends += transport.post([message], [], tags, what, deadline)[0]
+            if eager and waiting:  # the local copy gives the headers time; then each as it comes
+                if not exe.plan.accumulate and exe.local is not None:
+                    backend.apply(exe.local, x_flat, out_flat, False)
+                    local_done = True
+                for message in waiting:
+                    if call.round.agrees(message[0]):  # type: ignore[union-attr]
+                        call.sends += transport.post([message], [], tags, what, deadline)[0]
+            if not eager:
+                if call.round is not None:
+                    call.check()
+                recv_list = [(m.peer, _place(m, out_flat, recv_buf)) for m in exe.recvs]  # type: ignore[arg-type]
+                sent, got = transport.post(batch, recv_list, tags, what, deadline)
+                call.sends, call.recvs = sent, {p.peer: p for p in got}
+            if not exe.plan.accumulate and exe.local is not None and not local_done:  # while messages fly
+                backend.apply(exe.local, x_flat, out_flat, False)
+        except BaseException:
+            call.release(False)
             raise
-        recv_list = [(m.peer, _place(m, out_flat, recv_buf)) for m in exe.recvs]  # type: ignore[arg-type]
-        recvs = {p.peer: p for p in transport.post([], recv_list, tag, what, deadline)[1]}
-        return Call(self, exe, x_flat, out, send_buf, recv_buf, sends, recvs, what)
+        return call
 
-    def _headers(self, rank: int, backward: bool, seq: int, x: torch.Tensor | None,
-                 trailing: Sequence[int], exe: Exec | None, transport: comm.P2P, what: str,
-                 deadline: comm.Deadline, failed: int = 0) -> Callable[[], None]:
-        """Post this call's header to every other rank of the transform and its receives from
-        them, all at once; the returned check waits for them (the caller posts its sends and copies
-        locally in between) and raises if any rank differs. Every rank sees every header, so all
-        decide alike: one disagreement anywhere raises on every rank, naming the ranks that differ
-        from the majority and how."""
-        spec = self.spec
-        sizes: dict[int, tuple[int, int]] = {}
+    @staticmethod
+    def _pack(m: Message, x_flat: torch.Tensor, buf: torch.Tensor | None, backend: Backend,
+              into: torch.Tensor | None = None) -> torch.Tensor:
+        """The message's payload, packed (into ``into``, or its place in the pack buffer) or, for
+        one contiguous block of the input, a view of it (copied into ``into`` if given)."""
+        place = _place(m, x_flat, buf)  # type: ignore[arg-type]
+        if into is None:
+            into = place
+        if m.table is not None:
+            backend.apply(m.table, x_flat, into, False)
+        elif into is not place:
+            into.copy_(place)
+        return into
+
+    def _round(self, rank: int, backward: bool, seq: int, x: torch.Tensor | None, trailing: Sequence[int],
+               exe: Exec | None, tags: dict[int, int], inline: dict[int, torch.Tensor], transport: comm.P2P,
+               what: str, deadline: comm.Deadline, failed: int = 0) -> validate.Round:
+        """This call's header round with every other rank of the transform (see validate.Round)."""
+        sizes: dict[int, list[int]] = {p: [0, 0] for p in tags}
         for m in (exe.sends if exe is not None else ()):
-            sizes[m.peer] = (m.numel, 0)
+            sizes[m.peer][0] = m.numel
         for m in (exe.recvs if exe is not None else ()):
-            sizes[m.peer] = (sizes.get(m.peer, (0, 0))[0], m.numel)
-        peers = [r for r in spec.ranks if r != rank]
+            sizes[m.peer][1] = m.numel
         on = torch.device("cpu") if transport.host_ok() or x is None else x.device
-        mine = {p: validate.header(spec.fingerprint, backward, seq, x, trailing, *sizes.get(p, (0, 0)),
-                                   failed=failed) for p in peers}
-        theirs = {p: torch.empty(validate.HEADER_LEN, dtype=torch.int64, device=on) for p in peers}
-        sent, got = transport.post([(p, torch.tensor(mine[p], dtype=torch.int64, device=on)) for p in peers],
-                                   list(theirs.items()), comm.HEADER_TAG, what + " (header)", deadline)
-
-        def check() -> None:
-            if failed:  # this rank raises its own error once its peers have the flag
-                for pending in sent:
-                    try:
-                        pending.wait()
-                    except comm.TransformError:
-                        pass  # a peer that never came; the input error is what this rank reports
-                return
-            for pending in got:
-                pending.wait()
-            rows = {p: t.tolist() for p, t in theirs.items()}
-            rows[rank] = mine[peers[0]]
-            problems = validate.odd_ones(rows)  # the same on every rank: all raise alike
-            if not problems:  # then only the element counts a pair expects can still differ
-                problems = [text for p in sizes if (text := validate.disagreement(rank, mine[p], p, rows[p]))]
-            for pending in sent:
-                pending.wait()
-            if problems:
-                raise ValueError(f"rank {rank}: {what} refused: " + "; ".join(problems))
-        return check
-
-
-def _nothing() -> None:
-    return None
+        fp = self.spec.fingerprint
+        mine = {p: validate.header(fp, backward, seq, x, trailing, *sizes[p], tags[p], failed=failed) for p in tags}
+        return validate.Round(rank, mine, inline, transport, what, deadline, on)
 
 
 # -- the registry the custom ops read -----------------------------------------------------------

@@ -3,20 +3,24 @@ full fingerprint agreement of ``validate=True`` (for debugging).
 
 Header: in every call that moves anything off-rank, each rank of the transform sends every other
 one small header (the transform's fingerprint, direction, call number, dtype, device, trailing
-shape, the element counts the pair exchanges, and whether the sender's own input check failed).
-Every rank sees every header and applies the same rule (``odd_ones``), so all raise alike, and no
-rank posts a receive of a size the sender does not send (gloo aborts the process on that).
+shape, the element counts and payload tag the pair uses, and whether the sender's own input check
+failed), in the same round as its payload. Two rules make that safe without an extra round trip:
+
+- A sender posts a payload only once the receiver's header agrees with its own (``Round.agrees``),
+  so every payload lands in a receive of exactly its size (gloo aborts the process otherwise), and
+  the receiver, posting its receives at the start of the call, waits for no one.
+- Every rank sees every header and applies the same rule (``odd_ones``), so all raise alike.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
-from hpcomm.comm import HEADER_TAG
+from hpcomm.comm import HEADER_BYTES, HEADER_TAG, TransformError
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
           torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
@@ -24,8 +28,9 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int
 DEVICE_TYPES = ["cpu", "cuda", "meta", "xpu", "mps"]
 _MAGIC = 0x68_70_63_6F_6D_6D  # "hpcomm": a stray message of the right size is still caught
 # header fields
-MAGIC, FINGERPRINT, BACKWARD, SEQ, DTYPE, DEVICE, SHAPE, SENDS, EXPECTS, FAILED = range(10)
-HEADER_LEN = 10
+MAGIC, FINGERPRINT, BACKWARD, SEQ, DTYPE, DEVICE, SHAPE, SENDS, EXPECTS, TAG, FAILED = range(11)
+HEADER_LEN = 11
+_HEADER_WORDS = HEADER_BYTES // 8
 
 
 def digest(text: str) -> int:
@@ -59,13 +64,13 @@ def failure(exc: Exception, reason: int) -> Exception:
 
 
 def header(fingerprint: int, backward: bool, seq: int, x: torch.Tensor | None, trailing: Sequence[int],
-           sends: int = -1, expects: int = -1, failed: int = 0) -> list[int]:
-    """This rank's header (for one peer, with the element counts; or for all, without); ``failed``:
+           sends: int = -1, expects: int = -1, tag: int = -1, failed: int = 0) -> list[int]:
+    """This rank's header for one peer (the element counts and payload tag of the pair); ``failed``:
     this rank's own input check failed, for this reason (REASONS)."""
     if failed or x is None:
-        return [_MAGIC, fingerprint, int(backward), seq, -1, -1, -1, -1, -1, failed or 1]
+        return [_MAGIC, fingerprint, int(backward), seq, -1, -1, -1, -1, -1, tag, failed or 1]
     return [_MAGIC, fingerprint, int(backward), seq, dtype_code(x.dtype), device_code(x.device),
-            digest(repr(tuple(trailing))), sends, expects, 0]
+            digest(repr(tuple(trailing))), sends, expects, tag, 0]
 
 
 def disagreement(me: int, mine: Sequence[int], peer: int, theirs: Sequence[int]) -> str | None:
@@ -94,15 +99,18 @@ def disagreement(me: int, mine: Sequence[int], peer: int, theirs: Sequence[int])
                 f"{device_name(theirs[DEVICE])} tensor")
     if mine[SHAPE] != theirs[SHAPE]:
         return f"ranks {me} and {peer} pass different trailing shapes"
-    if mine[SENDS] >= 0 and (mine[SENDS] != theirs[EXPECTS] or mine[EXPECTS] != theirs[SENDS]):
+    if mine[SENDS] != theirs[EXPECTS] or mine[EXPECTS] != theirs[SENDS]:
         return (f"rank {me} sends {mine[SENDS]} and expects {mine[EXPECTS]} elements, rank {peer} "
                 f"expects {theirs[EXPECTS]} and sends {theirs[SENDS]}")
+    if mine[TAG] != theirs[TAG]:  # e.g. one of them made a call of another transform alone
+        return (f"ranks {me} and {peer} count different numbers of calls made together "
+                f"({mine[TAG]} and {theirs[TAG]}): one of them made a call the other did not")
     return None
 
 
-def odd_ones(rows: dict[int, list[int]]) -> list[str]:
-    """Every rank's header (no element counts) -> what the ranks that differ from the majority
-    differ in; the same list on every rank that sees the same rows."""
+def odd_ones(rows: Mapping[int, Sequence[int]]) -> list[str]:
+    """Every rank's header (the per-pair fields aside) -> what the ranks that differ from the
+    majority differ in; the same list on every rank that sees the same rows."""
     keys = {r: tuple(row[:SENDS]) + (row[FAILED],) for r, row in rows.items()}
     values = list(keys.values())
     majority = max(values, key=values.count)
@@ -113,6 +121,89 @@ def odd_ones(rows: dict[int, list[int]]) -> list[str]:
             text = disagreement(leader, rows[leader], r, rows[r])
             problems.append(text or f"rank {r} failed its own input check")
     return problems
+
+
+class Round:
+    """One call's headers: sends this rank's header to every peer, a small payload riding in the
+    same message (``inline``: the message, HEADER_BYTES of room, then the payload), and takes each
+    peer's header from the receive posted ahead.
+
+    ``agrees(peer)`` waits for one peer's header and says whether the pair may exchange payloads
+    (both sides compute the same answer, so a payload is sent exactly when its receive expects it);
+    ``problems()`` waits for every header and lists what differs, the same list on every rank;
+    ``inline(peer)`` is the payload a peer's header message carried."""
+
+    def __init__(self, rank: int, mine: Mapping[int, list[int]], inline: Mapping[int, torch.Tensor],
+                 transport: Any, what: str, deadline: Any, device: torch.device) -> None:
+        self.rank, self.mine = rank, mine
+        peers = list(mine)
+        heads = torch.tensor([mine[p] + [0] * (_HEADER_WORDS - HEADER_LEN) for p in peers], dtype=torch.int64)
+        messages = []
+        for p, head in zip(peers, heads.view(torch.uint8)):
+            message = inline.get(p)
+            if message is not None:  # the payload is already behind the header's room
+                message[:HEADER_BYTES].copy_(head)
+                head = message
+            messages.append((p, head.to(device)))
+        self._sent = transport.post(messages, [], HEADER_TAG, what + " (header)", deadline)[0]
+        self._slots = transport.headers(peers, what, deadline, device)
+        self._rows: dict[int, list[int]] = {}
+        self._verdict: dict[int, bool] = {}
+
+    def theirs(self, peer: int) -> list[int]:
+        if peer not in self._rows:
+            buf, pending = self._slots[peer]
+            pending.wait()
+            self._rows[peer] = buf[:HEADER_BYTES].view(torch.int64)[:HEADER_LEN].tolist()
+        return self._rows[peer]
+
+    def inline(self, peer: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        buf = self._slots[peer][0]
+        return buf[HEADER_BYTES:HEADER_BYTES + numel * dtype.itemsize].view(dtype)
+
+    def arrived(self, peer: int) -> bool:
+        """Whether a peer's header is here already (without waiting)."""
+        return peer in self._rows or self._slots[peer][1].done()
+
+    def agrees(self, peer: int) -> bool:
+        if peer not in self._verdict:
+            self._verdict[peer] = disagreement(self.rank, self.mine[peer], peer, self.theirs(peer)) is None
+        return self._verdict[peer]
+
+    def verdict(self, peer: int) -> bool:
+        """``agrees``, with a peer whose header never came counted as disagreeing."""
+        try:
+            return self.agrees(peer)
+        except TransformError:
+            return False
+
+    def problems(self, pairs: Sequence[int]) -> list[str]:
+        """Every rank's odd ones out; if none, what differs with the peers in ``pairs`` (those a
+        payload is exchanged with)."""
+        rows = {p: self.theirs(p) for p in self.mine}
+        rows[self.rank] = next(iter(self.mine.values()))
+        problems = odd_ones(rows)  # the same on every rank: all raise alike
+        if not problems:
+            problems = [text for p in pairs
+                        if (text := disagreement(self.rank, self.mine[p], p, rows[p])) is not None]
+        self.sent()
+        return problems
+
+    def sent(self) -> None:
+        """Wait for this rank's headers to leave (a send whose work is dropped never goes out)."""
+        for pending in self._sent:
+            pending.wait()
+
+    def settle(self) -> bool:
+        """After a failure: wait for every header both ways; False if some never moved (then this
+        round must stay alive: a receive or send dropped in flight would stall gloo's pair)."""
+        ok = True
+        for pending in [*self._sent, *(pending for _, pending in self._slots.values())]:
+            try:
+                pending.wait()
+            except TransformError:
+                ok = False
+        return ok
 
 
 def dtype_name(code: int) -> str:

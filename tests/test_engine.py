@@ -105,8 +105,9 @@ def zero_copy_and_identity(rank, world_size):
     y = Transform(lay, lay)(x)
     identity = y.data_ptr() == x.data_ptr()
     y.sum().backward()
-    # on the grouped path a contiguous send goes out as a view of the input, not a packed copy
-    big = torch.randn(64, 8)
+    # a contiguous message too big to ride in its header's message goes out as a view of the
+    # input, not a packed copy
+    big = torch.randn(64, 8192)
     seen = []
     original = dist.batch_isend_irecv
 
