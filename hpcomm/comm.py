@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Any, Mapping, Sequence
+from collections import deque
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -105,10 +108,6 @@ def _failure(what: str, kind: str, peer: int, timeout: float, error: Exception) 
     return f"rank {dist.get_rank()}: {what}: {kind} rank {peer} failed: {why}"
 
 
-def _renew(slot: tuple[torch.Tensor, Pending], what: str, deadline: Deadline) -> tuple[torch.Tensor, Pending]:
-    return slot[0], slot[1].renew(what + " (header)", deadline)
-
-
 def keep(*objects: Any) -> None:
     """Keep a failed call's buffers and posted messages alive for good: a message still posted
     may yet move, and gloo stalls the pair if a posted receive's buffer is freed."""
@@ -125,6 +124,7 @@ class P2P:
         self.group = group
         self.timeout = default_timeout(group) if timeout is None else timeout
         self._host_ok: bool | None = None
+        self._group_ranks: tuple[dist.ProcessGroup, Callable[[int], int]] | None = None
 
     def deadline(self) -> Deadline:
         return Deadline(self.timeout)
@@ -146,66 +146,41 @@ class P2P:
         """Post every message of the batch at once; NCCL needs them in one group (two ranks that
         send to each other before receiving would otherwise deadlock), gloo starts each at once."""
         tag_of = (lambda p: tag) if isinstance(tag, int) else tag.__getitem__
-        ops = [dist.P2POp(dist.isend, t, peer, self.group, tag_of(peer)) for peer, t in sends]
-        ops += [dist.P2POp(dist.irecv, t, peer, self.group, tag_of(peer)) for peer, t in recvs]
-        if not ops:
+        if not sends and not recvs:
             return [], []
+        on_device = (list(sends) + list(recvs))[0][1].is_cuda
         try:
-            works = dist.batch_isend_irecv(ops)
+            if on_device:
+                ops = [dist.P2POp(dist.isend, t, peer, self.group, tag_of(peer)) for peer, t in sends]
+                ops += [dist.P2POp(dist.irecv, t, peer, self.group, tag_of(peer)) for peer, t in recvs]
+                works = dist.batch_isend_irecv(ops)
+            else:  # straight to the process group: torch.distributed's wrappers cost more than gloo
+                pg, rank_in = self._pg()
+                works = [pg.send([t], rank_in(peer), tag_of(peer)) for peer, t in sends]
+                works += [pg.recv([t], rank_in(peer), tag_of(peer)) for peer, t in recvs]
         except RuntimeError as e:  # e.g. a peer already gone: gloo fails at posting
             peer = (list(sends) + list(recvs))[0][0]
             raise TransformError(_failure(what, "posting to", peer, deadline.timeout, e)) from None
-        on_device = ops[0].tensor.is_cuda
-        pend = [Pending(w, op.peer, "send to" if op.op is dist.isend else "receive from", what, deadline,
-                        on_device) for w, op in zip(works, ops)]
+        pend = [Pending(w, peer, "send to", what, deadline, on_device) for w, (peer, _) in zip(works, sends)]
+        pend += [Pending(w, peer, "receive from", what, deadline, on_device)
+                 for w, (peer, _) in zip(works[len(sends):], recvs)]
         return pend[:len(sends)], pend[len(sends):]
 
-    def inline_room(self) -> int:
-        """Bytes of payload a header message may carry (0: none): the same on every rank of the
-        group (every receive posted ahead has this room), bounded so that all of them together
-        stay within 16 MiB. Only on the host, where headers are received ahead."""
-        if not self.host_ok():
-            return 0
-        peers = max(dist.get_world_size(self.group) - 1, 1)
-        return max(min(INLINE_MAX, (16 << 20) // peers) // 16 * 16, 0)
+    def _pg(self) -> tuple[dist.ProcessGroup, Callable[[int], int]]:
+        """The process group and its rank of each global rank."""
+        if self._group_ranks is None:
+            pg = self.group or dist.distributed_c10d._get_default_group()
+            self._group_ranks = (pg, lru_cache(maxsize=None)(lambda r: dist.get_group_rank(pg, r)))
+        return self._group_ranks
 
-    def headers(self, peers: Sequence[int], what: str, deadline: Deadline, device: torch.device
-                ) -> dict[int, tuple[torch.Tensor, Pending]]:
-        """This call's receive of each peer's header message (the one the previous call posted
-        ahead, or one posted now), and the next call's, posted ahead. With the receive already
-        waiting, a peer's header goes out the moment it is ready (one hop, like a collective's own
-        notification). Only host headers are received ahead: a pending NCCL receive would hold up
-        the stream's later sends."""
-        box = self._inbox()
-        missing = [(p, torch.empty(self._room(), dtype=torch.uint8, device=device))
-                   for p in peers if box is None or p not in box]
-        posted = dict(zip((p for p, _ in missing), self.post([], missing, HEADER_TAG, what + " (header)", deadline)[1]))
-        bufs = dict(missing)
-        slots = {p: (bufs[p], posted[p]) if p in posted else _renew(box.pop(p), what, deadline)  # type: ignore[union-attr]
-                 for p in peers}
-        self._ahead(peers, deadline)
-        return slots
-
-    def _ahead(self, peers: Sequence[int], deadline: Deadline) -> None:
-        """Post the receive of each peer's next header now, so that it waits long before the peer
-        sends (posting it as the call ends measured slower: the peer may be sending already)."""
-        box = self._inbox()
-        if box is None:
-            return
-        new = [(p, torch.empty(self._room(), dtype=torch.uint8)) for p in peers if p not in box]
-        for (p, buf), pending in zip(new, self.post([], new, HEADER_TAG, "a later call (header)", deadline)[1]):
-            box[p] = (buf, pending)
-
-    def _room(self) -> int:
-        return HEADER_BYTES + self.inline_room()
-
-    def _inbox(self) -> dict[int, tuple[torch.Tensor, Pending]] | None:
-        if not self.host_ok():
-            return None
-        key = id(self.group)
-        if key not in _inboxes or _inboxes[key][0] is not self.group:
-            _inboxes[key] = (self.group, {})
-        return _inboxes[key][1]
+    def link(self, peer: int) -> Link:
+        """This rank's header traffic with ``peer`` over this group (one per pair, kept across
+        calls and transforms: headers between a pair match in order)."""
+        key = (id(self.group), peer)
+        link = _links.get(key)
+        if link is None or link.group is not self.group:
+            link = _links[key] = Link(self.group, peer)
+        return link
 
     def host_ok(self) -> bool:
         """Whether the group moves host tensors (gloo, or "cpu:gloo,cuda:nccl"): then headers stay
@@ -217,9 +192,82 @@ class P2P:
 
 
 _pair_calls: dict[tuple[int, int], int] = {}  # (id of the group, peer) -> calls made together
-# id of the group -> (the group, {peer: its next header's receive, posted ahead})
-_inboxes: dict[int, tuple[Any, dict[int, tuple[torch.Tensor, Pending]]]] = {}
-INLINE_MAX = 256 << 10  # a payload up to this size rides in its header's message
+_links: dict[tuple[int, int], Link] = {}  # (id of the group, peer) -> Link
+
+
+@dataclass
+class Slot:
+    """One posted receive of a peer's header message: ``room`` bytes (the header, then room for a
+    payload), the ``index``-th header receive this rank posted from that peer."""
+
+    buf: torch.Tensor
+    room: int
+    pending: Pending
+    index: int
+
+
+class Link:
+    """This rank's headers with one peer: the receive of the peer's next header message, posted
+    ahead with room for the payload the peer sent lately (so a repeated call's payload rides in its
+    header: one message, already expected), and the room the peer said its own next receive from
+    this rank has. Every header receive has at least DEFAULT_ROOM, so a sender that has heard
+    nothing newer fills no more. Only host headers are received ahead: a pending NCCL receive would
+    hold up the stream's later sends."""
+
+    def __init__(self, group: Any, peer: int) -> None:
+        self.group, self.peer = group, peer
+        self.sent = 0  # header messages sent to the peer so far
+        self.posted = 0  # header receives posted from the peer so far
+        self.their = (-1, DEFAULT_ROOM)  # (index of this rank's send it is for, room), from the peer
+        self.ahead: Slot | None = None
+        self.spare: list[torch.Tensor] = []
+        self.recent: deque[int] = deque(maxlen=8)  # payload bytes expected from the peer lately
+
+    def send_room(self) -> int:
+        """Room of the receive the peer posted for this rank's next header message."""
+        index, room = self.their
+        return room if index == self.sent else DEFAULT_ROOM
+
+    def learn(self, index: int, room: int) -> None:
+        if index >= 0:
+            self.their = (index, room)
+
+    def take(self, transport: P2P, what: str, deadline: Deadline, device: torch.device) -> Slot:
+        """This call's receive of the peer's header: the one posted ahead, or one posted now."""
+        if self.ahead is not None:
+            slot, self.ahead = self.ahead, None
+            slot.pending.renew(what + " (header)", deadline)
+            return slot
+        room = DEFAULT_ROOM if transport.host_ok() else HEADER_BYTES  # NCCL: sizes match exactly
+        return self._post(room, transport, what + " (header)", deadline, device)
+
+    def plan_ahead(self, expect: int) -> tuple[int, int]:
+        """(index, room) of the receive ``post_ahead`` will post, for this call's header to tell
+        the peer; ``expect``: payload bytes this call expects from the peer."""
+        self.recent.append(expect)
+        room = HEADER_BYTES + min(ROOM_MAX, -(-max(self.recent) * 5 // 4 // 4096) * 4096)  # 25% slack
+        return self.posted, max(room, DEFAULT_ROOM)
+
+    def post_ahead(self, room: int, transport: P2P, deadline: Deadline) -> None:
+        self.ahead = self._post(room, transport, "a later call (header)", deadline, torch.device("cpu"))
+
+    def _post(self, room: int, transport: P2P, what: str, deadline: Deadline, device: torch.device) -> Slot:
+        fit = next((i for i, b in enumerate(self.spare) if b.numel() >= room and b.device == device), None)
+        buf = self.spare.pop(fit) if fit is not None else torch.empty(room, dtype=torch.uint8, device=device)
+        pending = transport.post([], [(self.peer, buf[:room])], HEADER_TAG, what, deadline)[1][0]
+        self.posted += 1
+        return Slot(buf, room, pending, self.posted - 1)
+
+    def give(self, buf: torch.Tensor) -> None:
+        """A slot's buffer, read and done with: kept for a later receive (two cover a call and
+        the one posted ahead)."""
+        self.spare.append(buf)
+        self.spare.sort(key=lambda b: -b.numel())
+        del self.spare[2:]  # the largest: a smaller receive fits in them too
+
+
+DEFAULT_ROOM = HEADER_BYTES + (16 << 10)  # every header receive has this room at least
+ROOM_MAX = 64 << 20  # payloads larger than this never ride in a header (they go on their own)
 
 
 class Simulated:

@@ -186,7 +186,7 @@ class Exec:
     plan: RankPlan
     sends: tuple[Message, ...]
     recvs: tuple[Message, ...]
-    send_numel: int  # pack buffer: messages that are not views, back to back
+    send_numel: int  # pack buffer: messages that are not views, each after a header's room
     recv_numel: int  # receive buffer: messages not received in place
     local: Prepared | None
     backend: Backend
@@ -194,8 +194,9 @@ class Exec:
 
 def _messages(segments: Sequence[tuple[int, Segments]], outer: int, width: int, tensor_is_src: bool,
               row_map: tuple[np.ndarray, np.ndarray] | None, direct_ok: bool, backend: Backend,
-              device: torch.device) -> tuple[tuple[Message, ...], int]:
-    out, pos = [], 0
+              device: torch.device, gap: int = 0) -> tuple[tuple[Message, ...], int]:
+    """``gap``: elements left free before each buffered message (room for its header)."""
+    out, pos = [], gap
     tensor_col = 0 if tensor_is_src else 1
     for peer, seg in segments:
         numel, table = _table(seg, outer, width, tensor_is_src, row_map)
@@ -204,14 +205,17 @@ def _messages(segments: Sequence[tuple[int, Segments]], outer: int, width: int, 
             out.append(Message(peer, numel, int(table[0, tensor_col]), 0, None))
             continue
         out.append(Message(peer, numel, None, pos, backend.prepare(torch.from_numpy(table), device)))
-        pos += numel
-    return tuple(out), pos
+        pos += numel + gap
+    return tuple(out), pos if pos > gap else 0
 
 
 def _prepare(plan: RankPlan, outer: int, w_in: int, w_out: int, row_map: RowMap | None,
-             zero_copy: bool, backend: Backend, device: torch.device) -> Exec:
+             zero_copy: bool, backend: Backend, device: torch.device, itemsize: int) -> Exec:
+    """``itemsize``: of the wire dtype; each buffered send has a header's room before it, so it can
+    go out in its header's message without a copy."""
     rmap = None if row_map is None else (np.asarray(row_map[0], _I64), np.asarray(row_map[1], _I64))
-    sends, send_numel = _messages(plan.sends, outer, w_in, True, None, zero_copy, backend, device)
+    sends, send_numel = _messages(plan.sends, outer, w_in, True, None, zero_copy, backend, device,
+                                  comm.HEADER_BYTES // itemsize)
     recvs, recv_numel = _messages(plan.recvs, outer, w_out, False, rmap, zero_copy and not plan.accumulate,
                                   backend, device)
     src, dst = plan.local
@@ -303,6 +307,11 @@ class Call:
         self.sends: list[comm.Pending] = []
         self.recvs: dict[int, comm.Pending] = {}  # the rest arrive in their headers' messages
         self.inline: list[torch.Tensor] = []  # header messages carrying a payload (pooled)
+        self.sent_inline: set[int] = set()  # peers this rank's payload rode to in its header
+        self.later: set[int] = set()  # peers whose payload may ride in their header: see finish
+        self.transport: Any = None  # what finish needs to post the others' receives
+        self.tags: dict[int, int] = {}
+        self.deadline: Any = None
         self.checked = round is None
 
     def finish(self) -> torch.Tensor:
@@ -312,8 +321,6 @@ class Call:
         out_flat = self.out.detach().view(-1)
         done = False
         try:
-            if not self.checked:
-                self.check()
             if exe.plan.accumulate:  # contributions added in the plan's order, each as it arrives
                 by_peer = {m.peer: m for m in exe.recvs}
                 for r in exe.plan.order:
@@ -324,8 +331,12 @@ class Call:
             else:
                 for m in exe.recvs:
                     self._deliver(m, out_flat, False)
+            if not self.checked:  # every header is here: the same verdict on every rank
+                self.check()
             for s in self.sends:
                 s.wait()
+            if self.round is not None:
+                self.round.release()
             done = True
         finally:
             self.release(done)
@@ -334,6 +345,14 @@ class Call:
     def _deliver(self, m: Message, out_flat: torch.Tensor, accumulate: bool) -> None:
         """Wait for one message and unpack it (a payload that rode in its header's message is
         unpacked from there)."""
+        round = self.round
+        if not self.checked:  # each payload only once its sender's header agrees
+            if not round.agrees(m.peer):  # type: ignore[union-attr]
+                self.check()  # raises, as every rank does
+            if m.peer in self.later and not round.carried(m.peer):  # type: ignore[union-attr]
+                # it could have ridden in its header but did not (its sender knew no receive's room)
+                self.recvs.update((p.peer, p) for p in self.transport.post(
+                    [], [(m.peer, _place(m, out_flat, self.recv_buf))], self.tags, self.what, self.deadline)[1])  # type: ignore[arg-type]
         if m.peer in self.recvs:
             self.recvs[m.peer].wait()
             src = _place(m, out_flat, self.recv_buf)  # type: ignore[arg-type]
@@ -484,10 +503,15 @@ class Engine:
         tags = transport.payload_tags([r for r in spec.ranks if r != rank] if crosses else [])
         if error is not None:
             if crosses:
-                round = self._round(rank, backward, seq, None, (), None, tags, {}, transport, what,
-                                    transport.deadline(), failed=getattr(error, "hpcomm_reason", 1))
-                if not round.settle():  # peers that never came: this rank's own error is the one to report
-                    comm.keep(round)
+                deadline = transport.deadline()
+                on = torch.device("cpu") if transport.host_ok() else torch.device("cuda", torch.cuda.current_device())
+                told = validate.Round(rank, list(tags), transport, what, deadline, on, transport.host_ok())
+                told.send(validate.header(spec.fingerprint, backward, seq, None, (),
+                                           failed=getattr(error, "hpcomm_reason", 1)), {}, {})
+                if told.settle():
+                    told.release()
+                else:  # peers that never came: this rank's own error is the one to report
+                    comm.keep(told)
             raise error
         plan, outer, w_in, w_out, out_shape = spec.geometry(rank, backward, x.shape[1:])
         if backward and spec.grad == "mean":
@@ -505,9 +529,9 @@ class Engine:
             starts, lengths = runs_from_rows(rows.cpu().numpy().astype(np.int64))
             row_map = (tuple(starts.tolist()), tuple(lengths.tolist()))
         zero_copy = spec.zero_copy and wire == x.dtype
-        exe: Exec = EXECS.get((plan, outer, w_in, w_out, row_map, zero_copy, backend.name, x.device),
+        exe: Exec = EXECS.get((plan, outer, w_in, w_out, row_map, zero_copy, backend.name, x.device, wire.itemsize),
                               lambda: _prepare(plan, outer, w_in, w_out, row_map, zero_copy, backend,
-                                               x.device))
+                                               x.device, wire.itemsize))
         deadline = transport.deadline()  # every wait of this call, headers included
         if exe.plan.zero_fill:  # only the destination rows: the rest of a caller's out is theirs
             data.zero_() if rows is None else data.index_fill_(0, rows, 0)
@@ -515,51 +539,71 @@ class Engine:
         send_buf = self.pool.take(exe.send_numel, wire, x.device) if exe.send_numel else None
         recv_buf = self.pool.take(exe.recv_numel, wire, x.device) if exe.recv_numel else None
         call = Call(self, exe, x_flat, out, send_buf, recv_buf, what)
+        call.transport, call.tags, call.deadline = transport, tags, deadline
         if simulated:
             transport.rank = rank
-        # On the host (gloo) every receive is posted at once, before any header is checked: a
-        # sender sends only once this rank's header agrees with its own, so each message is
-        # exactly the size its receive expects, and it lands the moment it is sent. A payload
-        # small enough rides in its header's message (whose receive is always posted ahead, with
-        # room for it). Other messages go out one by one, each packed while the previous one is on
-        # the wire. NCCL needs a rank's sends and receives in one group, so there the headers are
-        # checked first.
+        # The header protocol (validate.Round): each peer gets one header message, carrying the
+        # payload when the receive the peer posted for it has room (a repeated call's payloads
+        # do). A payload on its own is sent only once its receiver's header agrees, so it is
+        # exactly the size the receive expects; on the host that receive is posted at once when
+        # the payload cannot ride in the header, else once the header says it did not. Sends go
+        # out one by one, each packed while the previous one is on the wire. NCCL needs a rank's
+        # sends and receives in one group, so there the headers are checked first.
         eager = x.device.type == "cpu"
         local_done = False
-        small = transport.inline_room() // wire.itemsize if crosses and eager else -1
         try:
-            inline = {}  # header room, then the payload packed straight behind it
-            for m in exe.sends:
-                if m.numel <= small:
-                    inline[m.peer] = message = self.pool.take(comm.HEADER_BYTES + m.numel * wire.itemsize,
-                                                              torch.uint8, x.device)
-                    self._pack(m, x_flat, send_buf, backend, message[comm.HEADER_BYTES:].view(wire))
-            call.inline = list(inline.values())
+            round: validate.Round | None = None
             if crosses:
-                call.round = self._round(rank, backward, seq, x, spec.trailing(x), exe, tags, inline, transport,
-                                         what, deadline)
+                on = torch.device("cpu") if transport.host_ok() else x.device
+                round = call.round = validate.Round(rank, list(tags), transport, what, deadline, on,
+                                                    eager and transport.host_ok())
                 call.checked = False
+                size = wire.itemsize
+                by_peer = {m.peer: m for m in exe.sends}
+
+                def pack(peer: int) -> torch.Tensor:  # header room, then the payload packed behind it
+                    m = by_peer[peer]
+                    if m.view_offset is None:  # the pack buffer has the room before it
+                        self._pack(m, x_flat, send_buf, backend)
+                        start = m.buf_offset * size - comm.HEADER_BYTES
+                        return send_buf.view(torch.uint8)[start:start + comm.HEADER_BYTES + m.numel * size]  # type: ignore[union-attr]
+                    message = self.pool.take(comm.HEADER_BYTES + m.numel * size, torch.uint8, x.device)
+                    call.inline.append(message)
+                    self._pack(m, x_flat, send_buf, backend, message[comm.HEADER_BYTES:].view(wire))
+                    return message
+
+                call.sent_inline = {m.peer for m in exe.sends if m.numel * size <= round.send_room(m.peer)}
+                pairs = {p: (0, 0, tag) for p, tag in tags.items()}
+                for m in exe.sends:
+                    pairs[m.peer] = (m.numel, pairs[m.peer][1], pairs[m.peer][2])
+                for m in exe.recvs:
+                    pairs[m.peer] = (pairs[m.peer][0], m.numel, pairs[m.peer][2])
+                round.send(validate.header(spec.fingerprint, backward, seq, x, spec.trailing(x)), pairs,
+                           {m.peer: m.numel * size for m in exe.recvs},
+                           [m.peer for m in exe.sends if m.peer in call.sent_inline], pack)
+                call.later = {m.peer for m in exe.recvs if m.numel * size <= round.recv_room(m.peer)}
             if eager:
                 call.recvs = {p.peer: p for p in transport.post(
-                    [], [(m.peer, _place(m, out_flat, recv_buf)) for m in exe.recvs if m.numel > small],  # type: ignore[arg-type]
+                    [], [(m.peer, _place(m, out_flat, recv_buf)) for m in exe.recvs if m.peer not in call.later],  # type: ignore[arg-type]
                     tags, what, deadline)[1]}
-            batch, waiting = [], []  # waiting: packed, its receiver's header not yet here
+            batch: list[tuple[int, torch.Tensor]] = []
+            waiting: list[tuple[int, torch.Tensor]] = []  # packed, its receiver's header not yet here
             for m in exe.sends:
-                if m.numel > small:
+                if m.peer not in call.sent_inline:
                     message = (m.peer, self._pack(m, x_flat, send_buf, backend))
-                    if not eager or (call.round is not None and not call.round.arrived(m.peer)):
+                    if not eager or (round is not None and not round.arrived(m.peer)):
                         (batch if not eager else waiting).append(message)
-                    elif call.round is None or call.round.agrees(m.peer):
+                    elif round is None or round.agrees(m.peer):
                         call.sends += transport.post([message], [], tags, what, deadline)[0]
             if eager and waiting:  # the local copy gives the headers time; then each as it comes
                 if not exe.plan.accumulate and exe.local is not None:
                     backend.apply(exe.local, x_flat, out_flat, False)
                     local_done = True
                 for message in waiting:
-                    if call.round.agrees(message[0]):  # type: ignore[union-attr]
+                    if round.agrees(message[0]):  # type: ignore[union-attr]
                         call.sends += transport.post([message], [], tags, what, deadline)[0]
             if not eager:
-                if call.round is not None:
+                if round is not None:
                     call.check()
                 recv_list = [(m.peer, _place(m, out_flat, recv_buf)) for m in exe.recvs]  # type: ignore[arg-type]
                 sent, got = transport.post(batch, recv_list, tags, what, deadline)
@@ -584,20 +628,6 @@ class Engine:
         elif into is not place:
             into.copy_(place)
         return into
-
-    def _round(self, rank: int, backward: bool, seq: int, x: torch.Tensor | None, trailing: Sequence[int],
-               exe: Exec | None, tags: dict[int, int], inline: dict[int, torch.Tensor], transport: comm.P2P,
-               what: str, deadline: comm.Deadline, failed: int = 0) -> validate.Round:
-        """This call's header round with every other rank of the transform (see validate.Round)."""
-        sizes: dict[int, list[int]] = {p: [0, 0] for p in tags}
-        for m in (exe.sends if exe is not None else ()):
-            sizes[m.peer][0] = m.numel
-        for m in (exe.recvs if exe is not None else ()):
-            sizes[m.peer][1] = m.numel
-        on = torch.device("cpu") if transport.host_ok() or x is None else x.device
-        fp = self.spec.fingerprint
-        mine = {p: validate.header(fp, backward, seq, x, trailing, *sizes[p], tags[p], failed=failed) for p in tags}
-        return validate.Round(rank, mine, inline, transport, what, deadline, on)
 
 
 # -- the registry the custom ops read -----------------------------------------------------------

@@ -15,7 +15,7 @@ failed), in the same round as its payload. Two rules make that safe without an e
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,8 +28,11 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int
 DEVICE_TYPES = ["cpu", "cuda", "meta", "xpu", "mps"]
 _MAGIC = 0x68_70_63_6F_6D_6D  # "hpcomm": a stray message of the right size is still caught
 # header fields
-MAGIC, FINGERPRINT, BACKWARD, SEQ, DTYPE, DEVICE, SHAPE, SENDS, EXPECTS, TAG, FAILED = range(11)
-HEADER_LEN = 11
+(MAGIC, FINGERPRINT, BACKWARD, SEQ, DTYPE, DEVICE, SHAPE,  # the call: equal on every rank
+ SENDS, EXPECTS, TAG,  # the pair's payload: what each side sends and expects, and its tag
+ INLINE, NEXT_INDEX, NEXT_ROOM,  # this message carries the payload; the room of the next receive
+ FAILED) = range(14)
+HEADER_LEN = 14
 _HEADER_WORDS = HEADER_BYTES // 8
 
 
@@ -64,13 +67,14 @@ def failure(exc: Exception, reason: int) -> Exception:
 
 
 def header(fingerprint: int, backward: bool, seq: int, x: torch.Tensor | None, trailing: Sequence[int],
-           sends: int = -1, expects: int = -1, tag: int = -1, failed: int = 0) -> list[int]:
-    """This rank's header for one peer (the element counts and payload tag of the pair); ``failed``:
-    this rank's own input check failed, for this reason (REASONS)."""
+           failed: int = 0) -> list[int]:
+    """This rank's header, its per-pair fields still unset (-1); ``failed``: this rank's own
+    input check failed, for this reason (REASONS)."""
+    pair = [-1] * (FAILED - SENDS)
     if failed or x is None:
-        return [_MAGIC, fingerprint, int(backward), seq, -1, -1, -1, -1, -1, tag, failed or 1]
+        return [_MAGIC, fingerprint, int(backward), seq, -1, -1, -1, *pair, failed or 1]
     return [_MAGIC, fingerprint, int(backward), seq, dtype_code(x.dtype), device_code(x.device),
-            digest(repr(tuple(trailing))), sends, expects, tag, 0]
+            digest(repr(tuple(trailing))), *pair, 0]
 
 
 def disagreement(me: int, mine: Sequence[int], peer: int, theirs: Sequence[int]) -> str | None:
@@ -124,46 +128,91 @@ def odd_ones(rows: Mapping[int, Sequence[int]]) -> list[str]:
 
 
 class Round:
-    """One call's headers: sends this rank's header to every peer, a small payload riding in the
-    same message (``inline``: the message, HEADER_BYTES of room, then the payload), and takes each
-    peer's header from the receive posted ahead.
+    """One call's headers with every other rank of the transform.
+
+    Each peer gets one header message; a payload rides in it (``INLINE``) when it fits the room of
+    the receive the peer posted for it (``Link.send_room``). Each peer's header arrives in the
+    receive this rank posted ahead (``Link``); the header says how much room the receive posted for
+    the next message has, which is sized from the payloads of recent calls, so a repeated call's
+    payloads travel in their headers.
 
     ``agrees(peer)`` waits for one peer's header and says whether the pair may exchange payloads
     (both sides compute the same answer, so a payload is sent exactly when its receive expects it);
-    ``problems()`` waits for every header and lists what differs, the same list on every rank;
-    ``inline(peer)`` is the payload a peer's header message carried."""
+    ``problems()`` waits for every header and lists what differs, the same list on every rank."""
 
-    def __init__(self, rank: int, mine: Mapping[int, list[int]], inline: Mapping[int, torch.Tensor],
-                 transport: Any, what: str, deadline: Any, device: torch.device) -> None:
-        self.rank, self.mine = rank, mine
-        peers = list(mine)
-        heads = torch.tensor([mine[p] + [0] * (_HEADER_WORDS - HEADER_LEN) for p in peers], dtype=torch.int64)
-        messages = []
-        for p, head in zip(peers, heads.view(torch.uint8)):
-            message = inline.get(p)
-            if message is not None:  # the payload is already behind the header's room
-                message[:HEADER_BYTES].copy_(head)
-                head = message
-            messages.append((p, head.to(device)))
-        self._sent = transport.post(messages, [], HEADER_TAG, what + " (header)", deadline)[0]
-        self._slots = transport.headers(peers, what, deadline, device)
+    def __init__(self, rank: int, peers: Sequence[int], transport: Any, what: str, deadline: Any,
+                 device: torch.device, ahead: bool) -> None:
+        self.rank, self._transport, self._what, self._deadline = rank, transport, what, deadline
+        self._ahead = ahead  # host headers: received ahead, payloads may ride in them
+        self.links = {p: transport.link(p) for p in peers}
+        self.slots = {p: link.take(transport, what, deadline, device) for p, link in self.links.items()}
+        self.mine: dict[int, list[int]] = {}
+        self._device = device
+        self._sent: list[Any] = []
         self._rows: dict[int, list[int]] = {}
         self._verdict: dict[int, bool] = {}
 
+    def send_room(self, peer: int) -> int:
+        """Payload bytes that may ride in this rank's header message to ``peer``."""
+        return self.links[peer].send_room() - HEADER_BYTES if self._ahead else -1
+
+    def recv_room(self, peer: int) -> int:
+        """Payload bytes ``peer``'s header message to this rank has room for."""
+        return self.slots[peer].room - HEADER_BYTES if self._ahead else -1
+
+    def send(self, head: list[int], pairs: Mapping[int, tuple[int, int, int]], expect: Mapping[int, int],
+             inline: Sequence[int] = (), pack: Callable[[int], torch.Tensor] | None = None) -> None:
+        """Send each peer this rank's header: ``head`` with the pair's (sends, expects, tag); to
+        the peers in ``inline`` with the payload ``pack(peer)`` returns behind it (a uint8 buffer:
+        HEADER_BYTES of room, then the payload), each sent as soon as it is packed. Then post the
+        receives of the peers' next headers (room for ``expect`` bytes, recent calls considered)."""
+        peers = list(self.links)
+        ahead = {p: self.links[p].plan_ahead(expect.get(p, 0)) if self._ahead else (-1, -1) for p in peers}
+        for p in peers:
+            row = list(head)
+            row[SENDS:FAILED] = [*pairs.get(p, (-1, -1, -1)), int(p in inline), *ahead[p]]
+            self.mine[p] = row
+        words = torch.tensor([self.mine[p] + [0] * (_HEADER_WORDS - HEADER_LEN) for p in peers], dtype=torch.int64)
+        heads = dict(zip(peers, words.view(torch.uint8)))
+        # first the headers a payload of its own waits for, then those carrying their payload, then
+        # the rest (only the final check reads them)
+        alone = [p for p in peers if p not in inline]
+        self._post([(p, heads[p].to(self._device)) for p in alone if p in pairs and pairs[p][0] > 0])
+        for p in inline:
+            message = pack(p)  # type: ignore[misc]
+            message[:HEADER_BYTES].copy_(heads[p])
+            self._post([(p, message)])
+        self._post([(p, heads[p].to(self._device)) for p in alone if not (p in pairs and pairs[p][0] > 0)])
+        if self._ahead:  # after the sends: they are what peers wait for
+            for p in peers:
+                self.links[p].post_ahead(ahead[p][1], self._transport, self._deadline)
+
+    def _post(self, messages: list[tuple[int, torch.Tensor]]) -> None:
+        for p, _ in messages:
+            self.links[p].sent += 1
+        self._sent += self._transport.post(messages, [], HEADER_TAG, self._what + " (header)", self._deadline)[0]
+
     def theirs(self, peer: int) -> list[int]:
         if peer not in self._rows:
-            buf, pending = self._slots[peer]
-            pending.wait()
-            self._rows[peer] = buf[:HEADER_BYTES].view(torch.int64)[:HEADER_LEN].tolist()
+            slot = self.slots[peer]
+            slot.pending.wait()
+            row = slot.buf[:HEADER_BYTES].view(torch.int64)[:HEADER_LEN].tolist()
+            if row[MAGIC] == _MAGIC:
+                self.links[peer].learn(row[NEXT_INDEX], row[NEXT_ROOM])
+            self._rows[peer] = row
         return self._rows[peer]
 
+    def carried(self, peer: int) -> bool:
+        """Whether ``peer``'s header message carried its payload (after ``agrees``)."""
+        return bool(self.theirs(peer)[INLINE] == 1)
+
     def inline(self, peer: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        buf = self._slots[peer][0]
+        buf = self.slots[peer].buf
         return buf[HEADER_BYTES:HEADER_BYTES + numel * dtype.itemsize].view(dtype)
 
     def arrived(self, peer: int) -> bool:
         """Whether a peer's header is here already (without waiting)."""
-        return peer in self._rows or self._slots[peer][1].done()
+        return peer in self._rows or self.slots[peer].pending.done()
 
     def agrees(self, peer: int) -> bool:
         if peer not in self._verdict:
@@ -180,7 +229,7 @@ class Round:
     def problems(self, pairs: Sequence[int]) -> list[str]:
         """Every rank's odd ones out; if none, what differs with the peers in ``pairs`` (those a
         payload is exchanged with)."""
-        rows = {p: self.theirs(p) for p in self.mine}
+        rows = {p: self.theirs(p) for p in self.links}
         rows[self.rank] = next(iter(self.mine.values()))
         problems = odd_ones(rows)  # the same on every rank: all raise alike
         if not problems:
@@ -194,11 +243,16 @@ class Round:
         for pending in self._sent:
             pending.wait()
 
+    def release(self) -> None:
+        """The call is done with the headers' buffers: the links reuse them."""
+        for p, slot in self.slots.items():
+            self.links[p].give(slot.buf)
+
     def settle(self) -> bool:
         """After a failure: wait for every header both ways; False if some never moved (then this
         round must stay alive: a receive or send dropped in flight would stall gloo's pair)."""
         ok = True
-        for pending in [*self._sent, *(pending for _, pending in self._slots.values())]:
+        for pending in [*self._sent, *(slot.pending for slot in self.slots.values())]:
             try:
                 pending.wait()
             except TransformError:

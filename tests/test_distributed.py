@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from hpcomm import Layout, Transform
+from hpcomm import comm
 from hpcomm.comm import HEADER_BYTES, HEADER_TAG
 
 LENS = [37, 5, 60, 22, 11]
@@ -117,23 +118,22 @@ def count_bytes(rank, world_size, name):
     src, dst = case(name, world_size)
     x_global, _ = global_tensors(torch.float32)
     sent = {"payload": 0, "header": 0}
-    grouped = dist.batch_isend_irecv
+    post = comm.P2P.post
 
-    def counting_grouped(ops):
-        for op in ops:
-            if op.op is dist.isend:
-                size = op.tensor.numel() * op.tensor.element_size()
-                if op.tag == HEADER_TAG:  # a small payload rides behind its header
-                    sent["header"] += HEADER_BYTES
-                    size -= HEADER_BYTES
-                sent["payload"] += size
-        return grouped(ops)
+    def counting_post(self, sends, recvs, tag, *args):
+        for _, t in sends:
+            size = t.numel() * t.element_size()
+            if tag == HEADER_TAG:  # a small payload rides behind its header
+                sent["header"] += HEADER_BYTES
+                size -= HEADER_BYTES
+            sent["payload"] += size
+        return post(self, sends, recvs, tag, *args)
 
-    dist.batch_isend_irecv = counting_grouped
+    comm.P2P.post = counting_post
     try:
         y = Transform(src, dst)(_local(src, x_global, rank))
     finally:
-        dist.batch_isend_irecv = grouped
+        comm.P2P.post = post
     return sent["payload"], sent["header"], torch.equal(y, _local(dst, x_global, rank))
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from hpcomm import Layout, Transform
+from hpcomm import comm
 from hpcomm.comm import PAYLOAD_TAG
 from hpcomm.engine import Engine
 from hpcomm.plan import Plan
@@ -109,13 +110,14 @@ def zero_copy_and_identity(rank, world_size):
     # input, not a packed copy
     big = torch.randn(64, 8192)
     seen = []
-    original = dist.batch_isend_irecv
+    original = comm.P2P.post
 
-    def recording(ops):
-        seen.extend(op.tensor.data_ptr() for op in ops if op.op is dist.isend and op.tag >= PAYLOAD_TAG)
-        return original(ops)
+    def recording(self, sends, recvs, tag, *args):
+        if not isinstance(tag, int) or tag >= PAYLOAD_TAG:  # payloads (per-peer tags), not headers
+            seen.extend(t.data_ptr() for _, t in sends)
+        return original(self, sends, recvs, tag, *args)
 
-    dist.batch_isend_irecv = recording
+    comm.P2P.post = recording
     try:
         t = Transform(Layout.cp(range(world_size), [32, 32], "contiguous"),
                       Layout.contiguous(range(world_size), 64))
@@ -123,7 +125,7 @@ def zero_copy_and_identity(rank, world_size):
         t(xs)
         t(xs)
     finally:
-        dist.batch_isend_irecv = original
+        comm.P2P.post = original
     lo, hi = xs.data_ptr(), xs.data_ptr() + xs.numel() * 4
     views = bool(seen) and all(lo <= p < hi for p in seen)
     # messages that are not one block go through pooled buffers, handed back after each call
@@ -288,17 +290,19 @@ def nothing_crosses(rank, world_size):
     t = Transform(Layout.dp(range(4), lens), Layout.grid(lens, dp=2, tp=2))  # SP chunks = own samples
     x_global = torch.randn(64, 8)
     x = t.src.shard(x_global, rank).clone().requires_grad_()
-    saved = dist.batch_isend_irecv
+    saved = comm.P2P.post
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a transform with nothing off-rank communicated")
+    def forbidden(self, sends, recvs, *args):
+        if sends or recvs:
+            raise AssertionError("a transform with nothing off-rank communicated")
+        return [], []
 
-    dist.batch_isend_irecv = forbidden
+    comm.P2P.post = forbidden
     try:
         y = t(x)
         y.backward(torch.ones_like(y))
     finally:
-        dist.batch_isend_irecv = saved
+        comm.P2P.post = saved
     return torch.equal(y, t.dst.shard(x_global, rank)), bool((x.grad == 1).all()), t.spec.crosses
 
 
