@@ -82,9 +82,10 @@ def module_step(m: ModuleSpec, model: ModelSpec, dims: ModuleDims, work: RankWor
            "overhead": layers * cluster.block_overhead * (0.5 if m.frozen else 1.0)
            + cluster.microbatch_overhead + planned * cluster.plan_overhead}
     ab = model.act_bytes
-    # TP with sequence parallelism: all-gather before and reduce-scatter after attention and MLP
+    # TP with sequence parallelism: all-gather before and reduce-scatter after attention and MLP,
+    # 4 collectives per layer and pass
     tp_bytes = work.rows * m.hidden * ab
-    out["tp"] = layers * 2 * passes * ring_time(cluster, link(cluster, dims.tp), dims.tp, tp_bytes)
+    out["tp"] = layers * 4 * passes * ring_time(cluster, link(cluster, dims.tp), dims.tp, tp_bytes)
     # CP: each rank gathers its group's K and V (its TP share of the heads); backward scatters
     kv_bytes = work.group_rows * 2 * m.kv_dim / dims.tp * ab
     cp = layers * passes * ring_time(cluster, link(cluster, dims.tp * dims.cp), dims.cp, kv_bytes)

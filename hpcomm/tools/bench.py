@@ -42,9 +42,9 @@ References (not transforms, not verified):
 Baselines keep every buffer preallocated across iterations (the best a careful user does); index
 lists are built once, untimed, as hpcomm's plan is.
 
-Timing: ``--warmup`` rounds, then ``--iters`` rounds; in each round every method runs once
-(interleaved, so drift hits all alike) after a barrier, and an iteration's time is the max over
-ranks; the table shows the median. On a shared machine the spread is wide: compare ratios from
+Timing: ``--warmup`` rounds, then ``--iters`` rounds; in each round every method runs once (or
+``--burst`` times back to back, timed together) after a barrier (interleaved, so drift hits all
+alike), and an iteration's time is the max over ranks; the table shows the median. On a shared machine the spread is wide: compare ratios from
 one run, not times across runs. nccl-tests units: size is the bytes of the logical global
 tensor, algbw = size / time, busbw = algbw * f with f = (most bytes any rank sends or receives
 off-rank, from the plan) / size, stated per row. ``hp/X`` = hpcomm time / X time (< 1: hpcomm
@@ -676,14 +676,15 @@ def prepare(rank: int, world_size: int, cfg: dict[str, Any]) -> Prepared:
                     takes_out)
 
 
-def time_once(p: Prepared, method: str) -> float:
-    """Seconds of one call on this rank, started right after a barrier."""
+def time_once(p: Prepared, method: str, burst: int = 1) -> float:
+    """Seconds per call on this rank of ``burst`` calls back to back, started right after a barrier."""
     dist.barrier()
     _sync(p.device)
     start = time.perf_counter()
-    p.runners[method]()
+    for _ in range(burst):
+        p.runners[method]()
     _sync(p.device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / burst
 
 
 def run_case(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -696,7 +697,7 @@ def run_case(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
     times: dict[str, list[float]] = {m: [] for m in timed}
     for _ in range(cfg["iters"]):
         for m in timed:
-            times[m].append(time_once(p, m))
+            times[m].append(time_once(p, m, cfg.get("burst", 1)))
     per_iter = torch.tensor([times[m] for m in timed], dtype=torch.float64, device=p.device)
     dist.all_reduce(per_iter, op=dist.ReduceOp.MAX)
     median_us = {m: statistics.median(per_iter[i].tolist()) * 1e6 for i, m in enumerate(timed)}
@@ -836,6 +837,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "name; ignored under torchrun)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--burst", type=int, default=1, help="calls back to back per timed sample, as a "
+                   "training step makes them (single calls after a barrier also time the barrier's "
+                   "skew between ranks, which dominates below a few MiB here)")
     p.add_argument("--backward", action="store_true", help="also time forward+backward")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--backend", default="auto", help="hpcomm kernel backend")
@@ -891,7 +895,7 @@ def case_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
                 cfg = {"case": case.name, "src_text": case.src, "dst_text": case.dst,
                        "src": parse_spec(case.src), "dst": parse_spec(case.dst),
                        "placement": case.placement, "seq_lens": lens, "hidden": args.hidden,
-                       "dtype": args.dtype, "warmup": args.warmup, "iters": args.iters,
+                       "dtype": args.dtype, "warmup": args.warmup, "iters": args.iters, "burst": args.burst,
                        "backward": backward, "seed": args.seed,
                        "methods": ["hpcomm"] + [m for m in case.methods if m != "hpcomm"],
                        "backend": args.backend}
