@@ -17,7 +17,7 @@ import torch.distributed as dist
 from hpcomm.tools import bench
 from hpcomm.tools.launch import World
 
-METHODS = ("hpcomm", "a2a", "wire", "wire_p2p", "header")
+METHODS = ("hpcomm", "a2a", "wire", "wire_p2p")
 
 
 def profile_rank(rank: int, world_size: int, src: str, dst: str, rows: int, calls: int, sort: str

@@ -24,7 +24,7 @@ def test_cli_tiny_rows_to_hidden(capsys, tmp_path, world):
     head = next(line for line in lines if line.lstrip().startswith("size(B)")).split()
     for column in ("size(B)", "count", "time(us)", "algbw", "busbw", "f", "a2a(us)", "hp/a2a",
                    "ag(us)", "hp/ag", "dt(us)", "hp/dt", "copy(us)", "hp/copy", "wire(us)", "hp/wire",
-                   "p2p(us)", "hp/p2p", "hdr(us)", "hdr/hp", "p2p/wire", "verified"):
+                   "p2p(us)", "hp/p2p", "p2p/wire", "verified"):
         assert column in head, f"missing column {column} in {head}"
     rows = rows_of(text, "8192")
     assert [r[3] for r in rows] == ["fwd", "fwd+bwd"], text
@@ -35,8 +35,8 @@ def test_cli_tiny_rows_to_hidden(capsys, tmp_path, world):
     results = json.loads(out_json.read_text())
     for r in results:
         assert r["verified"] == {"hpcomm": True, "a2a": True, "allgather": True, "dtensor": True}
-        assert set(r["time_us"]) == {"hpcomm", "a2a", "allgather", "dtensor", "wire", "wire_p2p", "header"}
-        assert 0 < r["busbw_factor"] <= 1 and r["header_share"] > 0 and r["p2p_over_wire"] > 0
+        assert set(r["time_us"]) == {"hpcomm", "a2a", "allgather", "dtensor", "wire", "wire_p2p"}
+        assert 0 < r["busbw_factor"] <= 1 and r["p2p_over_wire"] > 0
 
 
 def test_preset_targets_tiny(capsys, tmp_path, world):
@@ -73,7 +73,7 @@ def test_preset_megatron_tiny(capsys, tmp_path, world):
     assert {r["case"] for r in results} == {c.name for c in benchmark.PRESETS["megatron"]}
     for r in results:
         assert r["world_size"] == (6 if r["placement"] == "noncolocated" else 4), r["case"]
-        assert all(r["verified"].values()) and {"wire", "wire_p2p", "header"} <= set(r["time_us"]), r
+        assert all(r["verified"].values()) and {"wire", "wire_p2p"} <= set(r["time_us"]), r
     transport = text.split("# transport:")[1].splitlines()[1:]
     assert len([line for line in transport if "p2p/wire" in line]) == len(results), text
 

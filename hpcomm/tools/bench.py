@@ -35,10 +35,8 @@ References (not transforms, not verified):
   what hpcomm spends beyond moving its bytes;
 - wire_p2p: the same per-peer messages as one ``batch_isend_irecv`` (receives and sends posted
   together, then every one waited): what the point-to-point transport hpcomm uses alone costs;
-  p2p/wire compares the two transports on the plan's exact bytes;
-- header: one ``all_gather_into_tensor`` of 10 int64 (80 bytes) over the group, the per-call header
-  exchange hpcomm makes when a transform crosses the wire and spans its group; hdr/hp is its share
-  of hpcomm's time.
+  p2p/wire compares the two transports on the plan's exact bytes. (What hpcomm's per-call headers
+  cost, against the same engine without them: bench/header_cost.py.)
 Baselines keep every buffer preallocated across iterations (the best a careful user does); index
 lists are built once, untimed, as hpcomm's plan is.
 
@@ -75,12 +73,12 @@ from hpcomm.transform import Transform
 if TYPE_CHECKING:
     from torch.distributed.tensor import Placement
 
-METHODS = ("hpcomm", "a2a", "allgather", "dtensor", "copy", "wire", "wire_p2p", "header")
+METHODS = ("hpcomm", "a2a", "allgather", "dtensor", "copy", "wire", "wire_p2p")
 BASELINES = ("a2a", "allgather", "dtensor", "copy")  # compute the transform; verified against hpcomm
-REFERENCES = ("wire", "wire_p2p", "header")  # move bytes only; timed, never verified
+REFERENCES = ("wire", "wire_p2p")  # move bytes only; timed, never verified
 COMPARED = METHODS[1:]  # every method shown beside hpcomm
 LABEL = {"a2a": "a2a", "allgather": "ag", "dtensor": "dt", "copy": "copy", "wire": "wire",
-         "wire_p2p": "p2p", "header": "hdr"}
+         "wire_p2p": "p2p"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 GRID_KEYS = {"dp", "cp", "tp", "cp_mode", "tp_mode", "dp_assign"}
@@ -447,20 +445,6 @@ class WireP2P:
                     work.wait()
 
 
-class Header:
-    """One all-gather of an 80-byte header (10 int64) over the group per direction, as hpcomm makes
-    per call when a transform crosses the wire and spans its group."""
-
-    def __init__(self, world_size: int, device: torch.device, backward: bool) -> None:
-        self.row = torch.zeros(10, dtype=torch.int64, device=device)
-        self.table = torch.empty(world_size * 10, dtype=torch.int64, device=device)
-        self.calls = 1 + backward
-
-    def run(self) -> None:
-        for _ in range(self.calls):
-            _all_gather_single(self.table, self.row)
-
-
 class Copy:
     """A transform whose plan moves nothing off-rank, by hand: ``copy_`` of the one contiguous run
     of local rows this rank keeps, else ``index_select`` of them, into a preallocated output."""
@@ -653,8 +637,6 @@ def prepare(rank: int, world_size: int, cfg: dict[str, Any]) -> Prepared:
         runners["wire"] = Wire(t, rank, world_size, x, hidden, backward).run
     if "wire_p2p" in cfg["methods"]:
         runners["wire_p2p"] = WireP2P(t, rank, world_size, x, hidden, backward).run
-    if "header" in cfg["methods"]:
-        runners["header"] = Header(world_size, device, backward).run
 
     # verify once: hpcomm against slicing the global tensor, each baseline against hpcomm
     with torch.no_grad():
@@ -719,25 +701,21 @@ def run_case(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
-    """Add algbw, busbw, f, the ratios hpcomm time / method time, the header's share of hpcomm's
-    time and the point-to-point transport's time over the collective's."""
+    """Add algbw, busbw, f, the ratios hpcomm time / method time and the point-to-point transport's
+    time over the collective's."""
     t = result["time_us"]
     size = result["size"]
     result["busbw_factor"] = result["max_wire_bytes"] / size
     result["algbw_GBps"] = {m: size / (us * 1e3) for m, us in t.items()}
     result["busbw_GBps"] = {m: bw * result["busbw_factor"] for m, bw in result["algbw_GBps"].items()}
-    result["ratio"] = {m: t["hpcomm"] / t[m] for m in COMPARED
-                       if m != "header" and m in t and "hpcomm" in t}
-    if "header" in t and "hpcomm" in t:
-        result["header_share"] = t["header"] / t["hpcomm"]
+    result["ratio"] = {m: t["hpcomm"] / t[m] for m in COMPARED if m in t and "hpcomm" in t}
     if "wire" in t and "wire_p2p" in t:
         result["p2p_over_wire"] = t["wire_p2p"] / t["wire"]
     return result
 
 
 def _method_columns(m: str) -> tuple[tuple[str, int], tuple[str, int]]:
-    ratio = "hdr/hp" if m == "header" else f"hp/{LABEL[m]}"
-    return (f"{LABEL[m]}(us)", 10), (ratio, 7)
+    return (f"{LABEL[m]}(us)", 10), (f"hp/{LABEL[m]}", 7)
 
 
 COLUMNS = (("size(B)", 12), ("count", 10), ("rows", 8), ("pass", 7), ("time(us)", 10),
@@ -760,8 +738,6 @@ def format_row(r: dict[str, Any]) -> str:
             cells += ["n/a", "n/a"]
         elif not r["verified"].get(m, m in REFERENCES):
             cells += ["WRONG", "-"]
-        elif m == "header":
-            cells += [f"{t[m]:.1f}", f"{r['header_share']:.1%}" if "header_share" in r else "-"]
         else:
             cells += [f"{t[m]:.1f}", f"{r['ratio'][m]:.2f}x" if m in r["ratio"] else "-"]
     cells.append(f"{r['p2p_over_wire']:.2f}x" if "p2p_over_wire" in r else "-")
@@ -779,7 +755,7 @@ def legend(cfg: dict[str, Any], world_size: int, backend: str) -> list[str]:
         f"# median of {cfg['iters']} iterations after {cfg['warmup']} warmup, barrier before each, "
         f"max over ranks; size = bytes of the global tensor; algbw = size / time (GB/s);",
         "# busbw = algbw * f, f = most bytes one rank sends or receives off-rank / size; "
-        "hp/X = hpcomm time / X time; hdr/hp = header time / hpcomm time; "
+        "hp/X = hpcomm time / X time; "
         "p2p/wire = wire_p2p time / wire time",
     ]
 
@@ -796,7 +772,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     for ax, case in zip(axes[0], cases):
         for pas in ("fwd", "fwd+bwd"):
             rows = [r for r in results if r["case"] == case and r["pass"] == pas]
-            for color, m in enumerate(m for m in METHODS if m != "header"):  # 80 B: no bandwidth
+            for color, m in enumerate(METHODS):
                 pts = sorted((r["size"], r["algbw_GBps"][m]) for r in rows if m in r["algbw_GBps"])
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=f"{m} {pas}", color=f"C{color}",
@@ -989,12 +965,8 @@ def target_report(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-HEADER_BUDGET, HEADER_MIN_SIZE = 0.05, MiB
-
-
 def transport_report(results: list[dict[str, Any]]) -> list[str]:
-    """Per case and size: which transport moves the plan's bytes faster, and the header's share
-    of hpcomm's time against its budget (messages of 1 MiB and more)."""
+    """Per case and size: which transport moves the plan's bytes faster."""
     lines = []
     rows = [r for r in results if "p2p_over_wire" in r]
     if rows:
@@ -1006,15 +978,6 @@ def transport_report(results: list[dict[str, Any]]) -> list[str]:
         t = r["time_us"]
         lines.append(f"  {r['case']:50s} {r['pass']:7s} {r['size']:>10d} B  wire {t['wire']:9.1f} us  "
                      f"p2p {t['wire_p2p']:9.1f} us  p2p/wire {q:5.2f}x  {winner}")
-    rows = [r for r in results if "header_share" in r and r["size"] >= HEADER_MIN_SIZE]
-    if rows:
-        lines.append(f"# header: one 80-byte all_gather per call and direction, share of hpcomm's time "
-                     f"(budget {HEADER_BUDGET:.0%}, sizes >= {HEADER_MIN_SIZE} B)")
-    for r in rows:
-        share = r["header_share"]
-        lines.append(f"  {r['case']:50s} {r['pass']:7s} {r['size']:>10d} B  header "
-                     f"{r['time_us']['header']:7.1f} us  {share:6.1%} of hpcomm  "
-                     f"{'within' if share <= HEADER_BUDGET else 'OVER'} budget")
     return lines
 
 
