@@ -202,7 +202,7 @@ class Slot:
 
     buf: torch.Tensor
     room: int
-    pending: Pending
+    pending: Any  # Pending (None until an NCCL header round posts it)
     index: int
 
 
@@ -232,14 +232,14 @@ class Link:
         if index >= 0:
             self.their = (index, room)
 
-    def take(self, transport: P2P, what: str, deadline: Deadline, device: torch.device) -> Slot:
-        """This call's receive of the peer's header: the one posted ahead, or one posted now."""
+    def take(self, transport: P2P, what: str, deadline: Deadline) -> Slot:
+        """This call's receive of the peer's header (host headers): the one posted ahead, or one
+        posted now."""
         if self.ahead is not None:
             slot, self.ahead = self.ahead, None
             slot.pending.renew(what + " (header)", deadline)
             return slot
-        room = DEFAULT_ROOM if transport.host_ok() else HEADER_BYTES  # NCCL: sizes match exactly
-        return self._post(room, transport, what + " (header)", deadline, device)
+        return self._post(DEFAULT_ROOM, transport, what + " (header)", deadline, torch.device("cpu"))
 
     def plan_ahead(self, expect: int) -> tuple[int, int]:
         """(index, room) of the receive ``post_ahead`` will post, for this call's header to tell
@@ -281,6 +281,9 @@ class Simulated:
 
     def deadline(self) -> Deadline:
         return Deadline(1.0)
+
+    def host_ok(self) -> bool:
+        return True
 
     def payload_tags(self, peers: Sequence[int]) -> dict[int, int]:
         return {p: PAYLOAD_TAG for p in peers}

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from hpcomm.comm import HEADER_BYTES, HEADER_TAG, TransformError
+from hpcomm.comm import HEADER_BYTES, HEADER_TAG, Slot, TransformError
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
           torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
@@ -145,7 +145,12 @@ class Round:
         self.rank, self._transport, self._what, self._deadline = rank, transport, what, deadline
         self._ahead = ahead  # host headers: received ahead, payloads may ride in them
         self.links = {p: transport.link(p) for p in peers}
-        self.slots = {p: link.take(transport, what, deadline, device) for p, link in self.links.items()}
+        self._host = transport.host_ok()
+        if self._host:
+            self.slots = {p: link.take(transport, what, deadline) for p, link in self.links.items()}
+        else:  # NCCL: a header's receive goes in one group with the header sends (see send)
+            self.slots = {p: Slot(torch.empty(HEADER_BYTES, dtype=torch.uint8, device=device), HEADER_BYTES,
+                                  None, -1) for p in peers}
         self.mine: dict[int, list[int]] = {}
         self._device = device
         self._sent: list[Any] = []
@@ -177,6 +182,14 @@ class Round:
         # first the headers a payload of its own waits for, then those carrying their payload, then
         # the rest (only the final check reads them)
         alone = [p for p in peers if p not in inline]
+        if not self._host:  # NCCL: sends and receives in one group, or two ranks wait on each other
+            sent, got = self._transport.post([(p, heads[p].to(self._device)) for p in peers],
+                                             [(p, self.slots[p].buf) for p in peers], HEADER_TAG,
+                                             self._what + " (header)", self._deadline)
+            self._sent = sent
+            for p, pending in zip(peers, got):
+                self.slots[p].pending = pending
+            return
         self._post([(p, heads[p].to(self._device)) for p in alone if p in pairs and pairs[p][0] > 0])
         for p in inline:
             message = pack(p)  # type: ignore[misc]
@@ -244,15 +257,16 @@ class Round:
             pending.wait()
 
     def release(self) -> None:
-        """The call is done with the headers' buffers: the links reuse them."""
+        """The call is done with the headers' buffers: the links reuse the host ones."""
         for p, slot in self.slots.items():
-            self.links[p].give(slot.buf)
+            if self._host:
+                self.links[p].give(slot.buf)
 
     def settle(self) -> bool:
         """After a failure: wait for every header both ways; False if some never moved (then this
         round must stay alive: a receive or send dropped in flight would stall gloo's pair)."""
         ok = True
-        for pending in [*self._sent, *(slot.pending for slot in self.slots.values())]:
+        for pending in [*self._sent, *(slot.pending for slot in self.slots.values() if slot.pending)]:
             try:
                 pending.wait()
             except TransformError:

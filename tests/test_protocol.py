@@ -136,3 +136,37 @@ def test_misuse_after_the_rooms_have_grown(world, case, named):
     for rank, (elapsed, message) in enumerate(world(4).run(warm_misuse, case, timeout=120)):
         assert message.startswith("ValueError") and any(w in message for w in named), (rank, message)
         assert elapsed < TIMEOUT + SLACK, (rank, elapsed)
+
+
+def grouped_path(rank, world_size, case):
+    """The NCCL way (headers on their own and checked first, then every payload in one group),
+    forced on gloo by a group that says it moves no host tensors."""
+    host_ok = comm.P2P.host_ok
+    comm.P2P.host_ok = lambda self: False
+    try:
+        group = dist.new_group(list(range(world_size)))
+        src, dst = Layout.cp(range(world_size), LENS, "zigzag"), Layout.dp(range(world_size), LENS, "balanced")
+        t = Transform(src, dst, group=group, grad="sum", timeout=TIMEOUT)
+        x_global = _global(LENS, h=512)
+        if case == "dtype_size":
+            x = src.shard(x_global, rank).to(torch.float64 if rank == 0 else torch.float32)
+            try:
+                t(x)
+            except ValueError as e:
+                return str(e)
+            return "no error"
+        ok = []
+        for _ in range(3):
+            x = src.shard(x_global, rank).clone().requires_grad_()
+            y = t(x)
+            y.backward(torch.ones_like(y))
+            ok.append(torch.equal(y, dst.shard(x_global, rank)) and torch.equal(x.grad, torch.ones_like(x)))
+        return all(ok)
+    finally:
+        comm.P2P.host_ok = host_ok
+
+
+def test_the_grouped_path_on_gloo(world):
+    assert world(4).run(grouped_path, "good") == [True] * 4
+    for message in world(4).run(grouped_path, "dtype_size"):
+        assert "torch.float64" in message and "torch.float32" in message, message
