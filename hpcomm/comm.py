@@ -133,12 +133,11 @@ class P2P:
         """The tags of this call's payloads with each peer: a count of the calls the pair has
         made (both sides count every call they share), so a send its receiver refused (a call
         that raised) never matches a receive of a later call. Wraps after 2^20 calls."""
-        key = id(self.group)
         tags = {}
         for p in peers:
-            n = _pair_calls.get((key, p), 0)
-            _pair_calls[(key, p)] = n + 1
-            tags[p] = PAYLOAD_TAG + n % (1 << 20)
+            link = self.link(p)
+            tags[p] = PAYLOAD_TAG + link.calls % (1 << 20)
+            link.calls += 1
         return tags
 
     def post(self, sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[int, torch.Tensor]],
@@ -176,10 +175,11 @@ class P2P:
     def link(self, peer: int) -> Link:
         """This rank's header traffic with ``peer`` over this group (one per pair, kept across
         calls and transforms: headers between a pair match in order)."""
-        key = (id(self.group), peer)
+        pg = self._pg()[0]  # the group itself: a re-created default group starts afresh
+        key = (id(pg), peer)
         link = _links.get(key)
-        if link is None or link.group is not self.group:
-            link = _links[key] = Link(self.group, peer)
+        if link is None or link.group is not pg:
+            link = _links[key] = Link(pg, peer)
         return link
 
     def host_ok(self) -> bool:
@@ -191,7 +191,6 @@ class P2P:
         return self._host_ok
 
 
-_pair_calls: dict[tuple[int, int], int] = {}  # (id of the group, peer) -> calls made together
 _links: dict[tuple[int, int], Link] = {}  # (id of the group, peer) -> Link
 
 
@@ -207,7 +206,8 @@ class Slot:
 
 
 class Link:
-    """This rank's headers with one peer: the receive of the peer's next header message, posted
+    """This rank's traffic with one peer over one group: the count of calls the pair made (the
+    payloads' tags), and the headers: the receive of the peer's next header message, posted
     ahead with room for the payload the peer sent lately (so a repeated call's payload rides in its
     header: one message, already expected), and the room the peer said its own next receive from
     this rank has. Every header receive has at least DEFAULT_ROOM, so a sender that has heard
@@ -216,6 +216,7 @@ class Link:
 
     def __init__(self, group: Any, peer: int) -> None:
         self.group, self.peer = group, peer
+        self.calls = 0  # calls that crossed the wire made with the peer (its payload tags count them)
         self.sent = 0  # header messages sent to the peer so far
         self.posted = 0  # header receives posted from the peer so far
         self.their = (-1, DEFAULT_ROOM)  # (index of this rank's send it is for, room), from the peer
