@@ -240,7 +240,7 @@ class Link:
             slot, self.ahead = self.ahead, None
             slot.pending.renew(what + " (header)", deadline)
             return slot
-        return self._post(DEFAULT_ROOM, transport, what + " (header)", deadline, torch.device("cpu"))
+        return self._post(DEFAULT_ROOM, transport, what + " (header)", deadline)
 
     def plan_ahead(self, expect: int) -> tuple[int, int]:
         """(index, room) of the receive ``post_ahead`` will post, for this call's header to tell
@@ -250,11 +250,11 @@ class Link:
         return self.posted, max(room, DEFAULT_ROOM)
 
     def post_ahead(self, room: int, transport: P2P, deadline: Deadline) -> None:
-        self.ahead = self._post(room, transport, "a later call (header)", deadline, torch.device("cpu"))
+        self.ahead = self._post(room, transport, "a later call (header)", deadline)
 
-    def _post(self, room: int, transport: P2P, what: str, deadline: Deadline, device: torch.device) -> Slot:
-        fit = next((i for i, b in enumerate(self.spare) if b.numel() >= room and b.device == device), None)
-        buf = self.spare.pop(fit) if fit is not None else torch.empty(room, dtype=torch.uint8, device=device)
+    def _post(self, room: int, transport: P2P, what: str, deadline: Deadline) -> Slot:
+        fit = next((i for i, b in enumerate(self.spare) if b.numel() >= room), None)
+        buf = self.spare.pop(fit) if fit is not None else torch.empty(room, dtype=torch.uint8)
         pending = transport.post([], [(self.peer, buf[:room])], HEADER_TAG, what, deadline)[1][0]
         self.posted += 1
         return Slot(buf, room, pending, self.posted - 1)
