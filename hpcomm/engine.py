@@ -14,10 +14,11 @@ Prepared executions (``Exec``: one rank plan made concrete for a geometry, an op
 row map and a device, with every kernel table prepared by its backend) are cached in one bounded
 cache. Per call there is no table work: pack, post, wait, unpack.
 
-Overlap: receives are posted first; each send is packed and posted in turn (while one message is
-on the wire the next is packed); local copies run while messages are in flight; each arriving
-message is unpacked as soon as it is waited for. On GPU, NCCL needs a rank's sends and receives in
-one group, so messages are packed first and posted together.
+Overlap: each message is packed and sent in turn (while one is on the wire the next is packed; a
+payload that fits rides in its header's message, see validate.py); local copies run while messages
+are in flight; each arriving message is unpacked as soon as its sender's header agrees. On GPU,
+NCCL needs a rank's sends and receives in one group, so there the headers are checked first and
+the payloads posted together.
 
 Zero-copy: a message that is one contiguous block of the source is sent as a view of it, and one
 that lands as one contiguous block of the destination (when nothing accumulates) is received

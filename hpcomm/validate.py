@@ -2,14 +2,18 @@
 full fingerprint agreement of ``validate=True`` (for debugging).
 
 Header: in every call that moves anything off-rank, each rank of the transform sends every other
-one small header (the transform's fingerprint, direction, call number, dtype, device, trailing
-shape, the element counts and payload tag the pair uses, and whether the sender's own input check
-failed), in the same round as its payload. Two rules make that safe without an extra round trip:
+one header message: the transform's fingerprint, direction, call number, dtype, device, trailing
+shape; the element counts and payload tag the pair uses; whether the payload rides behind the
+header and the room of the receive posted for the peer's next header; whether the sender's own
+input check failed. Three rules make that safe without an extra round trip (``Round``):
 
-- A sender posts a payload only once the receiver's header agrees with its own (``Round.agrees``),
-  so every payload lands in a receive of exactly its size (gloo aborts the process otherwise), and
-  the receiver, posting its receives at the start of the call, waits for no one.
-- Every rank sees every header and applies the same rule (``odd_ones``), so all raise alike.
+- A payload rides in its header's message only within the room the receiver announced for that
+  very message (receives are posted ahead, ``comm.Link``), so no message exceeds its receive
+  (gloo aborts the process otherwise), and a repeated call is one message per peer.
+- A payload too big for that is sent only once the receiver's header agrees with the sender's
+  (``Round.agrees``, the same verdict on both sides), into a receive of exactly its size.
+- Every rank sees every header and applies the same rule (``odd_ones``), so all raise alike; a
+  payload is used only once its sender's header agrees.
 """
 
 from __future__ import annotations
