@@ -18,7 +18,8 @@ from hpcomm.advisor import (PRESETS, Candidate, DataSpec, ModelSpec, ModuleDims,
 from hpcomm.advisor.boundary import boundary_layouts, owner_stats, plan_stats
 from hpcomm.advisor.calibrate import fit_blocks, fit_links
 from hpcomm.advisor.cli import MODELS, main
-from hpcomm.advisor.cost import activation_bytes, state_bytes
+from hpcomm.advisor.boundary import boundary_stats
+from hpcomm.advisor.cost import activation_bytes, state_bytes, transform_calls
 from hpcomm.advisor.flops import (attention_pairs, block_forward_flops, cp_rank_rows, module_flops,
                                   rank_work)
 from hpcomm.advisor.reference import reference_candidate, reference_data, reference_model
@@ -160,6 +161,42 @@ def test_boundary_matches_trainer_transform():
         assert dst.rows(r).tolist() == llm.rows(r).tolist()
 
 
+def _step_transform_calls(rank, world_size, cfg):
+    """Transform calls that cross the wire on the training thread in one step of the trainer
+    (the prefetcher's data movement, on its own thread, is not the model's to count)."""
+    import threading
+
+    from hpcomm import engine
+    from hpcomm.trainer.train import train
+
+    calls = []
+    start = engine.Engine.start
+
+    def counting(self, x, r, backward, *args, **kwargs):
+        if threading.current_thread() is threading.main_thread() and self.spec.crosses[backward]:
+            calls.append(backward)
+        return start(self, x, r, backward, *args, **kwargs)
+    engine.Engine.start = counting
+    try:
+        train(cfg, rank, world_size, progress=False)
+    finally:
+        engine.Engine.start = start
+    return len(calls)
+
+
+def test_transform_calls_match_trainer(world):
+    """The calls the model prices per micro-batch (TP-SP 4 per layer and pass, CP 1, the
+    boundary once each way) are the calls the trainer makes."""
+    cfg = TrainConfig(encoder=ParallelDims(tp=2), llm=ParallelDims(cp=2), steps=1)
+    cand, model = reference_candidate(cfg), reference_model(cfg.model)
+    data = reference_data(cfg)
+    expected = (sum(transform_calls(model.encoder, cand.encoder).values())
+                + sum(transform_calls(model.llm, cand.llm).values())
+                + (2 if boundary_stats(cand, data.samples).peers else 0))
+    assert expected == 4 * 2 * 2 + 2 * 2 + 2
+    assert world(2).run(_step_transform_calls, cfg) == [expected] * 2
+
+
 def test_homogeneous_boundary_moves_nothing():
     cand = Candidate(ModuleDims(cp=2, tp=2), ModuleDims(cp=2, tp=2), "homogeneous")
     stats = plan_stats(*boundary_layouts(cand, SAMPLES))
@@ -247,7 +284,7 @@ def test_long_context_search_is_fast():
 def test_fits_recover_constants():
     base = PRESETS["h100"].with_gpus(4)
     ring = {n: 1e-4 + n / 2e9 for n in (1 << 10, 1 << 16, 1 << 20)}
-    links = fit_links(ring, reused=3e-3, fresh=5e-3, nbytes=1024, ranks=4, base=base)
+    links = fit_links(ring, reused=3e-3, plan=2e-3, nbytes=1024, base=base)
     assert links.intra_bw == pytest.approx(2e9)
     assert links.plan_overhead == pytest.approx(2e-3)
     flops = {(w, r): module_flops(ModuleSpec(layers=1, hidden=w, heads=4, ffn=4 * w), r, r * r, 1,

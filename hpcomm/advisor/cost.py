@@ -66,37 +66,49 @@ def module_work(m: ModuleSpec, model: ModelSpec, dims: ModuleDims, lens: Sequenc
     return rank_work(m, lens, dims, model.attention, zigzag)
 
 
+def transform_calls(m: ModuleSpec, dims: ModuleDims) -> dict[str, int]:
+    """Transform calls one rank of one stage makes per micro-batch, forward and backward, by
+    kind (the trainer's hooks; a test counts the trainer's calls): TP with sequence parallelism
+    gathers and reduce-scatters around attention and around the MLP, 4 per layer and pass; CP
+    gathers K and V once per layer and pass; PP moves the activations once per pass (pp = 2)."""
+    layers = -(-m.layers // dims.pp)
+    passes = 1 if m.frozen else 2  # forward, and backward with the transposed collectives
+    return {"tp": 4 * layers * passes if dims.tp > 1 else 0,
+            "cp": layers * passes if dims.cp > 1 else 0,
+            "pp": passes if dims.pp > 1 else 0}
+
+
 def module_step(m: ModuleSpec, model: ModelSpec, dims: ModuleDims, work: RankWork,
                 cluster: ClusterSpec, span_offset: int = 0) -> dict[str, float]:
     """Seconds of one micro-batch (forward + backward, forward only if frozen) on the busiest
-    rank of one pipeline stage: compute, block overhead, TP and CP communication."""
+    rank of one pipeline stage: compute, block overhead, TP, CP and PP communication. Each
+    transform is planned anew per micro-batch (the trainer's are), which its first calls pay."""
     layers = -(-m.layers // dims.pp)
     flops = module_flops(m, work.rows, work.pairs, layers) / dims.tp
     rate = cluster.flops * cluster.efficiency
     if cluster.gemm_half_size:  # narrow GEMMs (TP-split widths, CP-split rows) fill few tiles
         smallest = min(work.rows, m.hidden / dims.tp)
         rate *= smallest / (smallest + cluster.gemm_half_size)
-    passes = 1 if m.frozen else 2  # forward, and backward with the transposed collectives
-    planned = (2 if dims.tp > 1 else 0) + (1 if dims.cp > 1 else 0)  # SP pair, CP gather
+    calls = transform_calls(m, dims)
     out = {"compute": flops / rate,
            "overhead": layers * cluster.block_overhead * (0.5 if m.frozen else 1.0)
-           + cluster.microbatch_overhead + planned * cluster.plan_overhead}
+           + cluster.microbatch_overhead}
     ab = model.act_bytes
-    # TP with sequence parallelism: all-gather before and reduce-scatter after attention and MLP,
-    # 4 collectives per layer and pass
+    # TP-SP: the SP gather and reduce-scatter, each the CP rank's rows x hidden in all
     tp_bytes = work.rows * m.hidden * ab
-    out["tp"] = layers * 4 * passes * ring_time(cluster, link(cluster, dims.tp), dims.tp, tp_bytes)
+    out["tp"] = (calls["tp"] * ring_time(cluster, link(cluster, dims.tp), dims.tp, tp_bytes)
+                 + (2 * cluster.plan_overhead if calls["tp"] else 0.0))
     # CP: each rank gathers its group's K and V (its TP share of the heads); backward scatters
     kv_bytes = work.group_rows * 2 * m.kv_dim / dims.tp * ab
-    cp = layers * passes * ring_time(cluster, link(cluster, dims.tp * dims.cp), dims.cp, kv_bytes)
+    cp = calls["cp"] * ring_time(cluster, link(cluster, dims.tp * dims.cp), dims.cp, kv_bytes)
     if cluster.cp_overlap:
-        attn = layers * (3 if passes == 2 else 1) * 4 * work.pairs * m.hidden / dims.tp / rate
+        attn = layers * (3 if calls["cp"] > layers else 1) * 4 * work.pairs * m.hidden / dims.tp / rate
         cp = max(0.0, cp - attn)
-    out["cp"] = cp
-    if dims.pp > 1:
+    out["cp"] = cp + (cluster.plan_overhead if calls["cp"] else 0.0)
+    if calls["pp"]:
         lk = link(cluster, 2 * dims.stage_size)
-        out["pp"] = passes * (cluster.collective_overhead + lk.latency
-                              + work.sp_rows * m.hidden * ab / lk.bandwidth)
+        out["pp"] = cluster.plan_overhead + calls["pp"] * (
+            cluster.collective_overhead + lk.latency + work.sp_rows * m.hidden * ab / lk.bandwidth)
     return out
 
 
@@ -124,7 +136,9 @@ def boundary_time(candidate: Candidate, model: ModelSpec, cluster: ClusterSpec,
     row_bytes = model.llm.hidden * model.act_bytes
     nbytes = max(st.sent, st.received) * row_bytes
     lk = link(cluster, candidate.world_size)
-    one = cluster.collective_overhead + st.peers * lk.latency + nbytes / lk.bandwidth
+    # a boundary whose rows all stay on their ranks (homogeneous) is a local copy: no call crosses
+    one = (cluster.collective_overhead + st.peers * lk.latency + nbytes / lk.bandwidth
+           if st.peers else 0.0)
     passes = 1 if model.encoder.frozen else 2
     return cluster.plan_overhead + passes * one, passes * nbytes
 

@@ -161,7 +161,7 @@ class ClusterSpec:
     collective_overhead: float = 0.0
     microbatch_overhead: float = 0.0
     step_overhead: float = 0.0
-    plan_overhead: float = 0.0  # host planning of one boundary/SP/CP transform per micro-batch
+    plan_overhead: float = 0.0  # what a transform planned anew per micro-batch adds to its calls
     cp_overlap: bool = False    # CP traffic hides behind attention (Megatron's ring attention)
     cores: int = 0              # >0: the ranks share this many CPU cores (a calibrated CPU box)
     background_load: float = 0.0  # runnable processes of others on those cores (load average)
