@@ -170,3 +170,29 @@ def test_the_grouped_path_on_gloo(world):
     assert world(4).run(grouped_path, "good") == [True] * 4
     for message in world(4).run(grouped_path, "dtype_size"):
         assert "torch.float64" in message and "torch.float32" in message, message
+
+
+def refused_then_reused(rank, world_size):
+    """After a refused call with payloads in flight (riding in headers, and on their own), the
+    group's next calls are exact: nothing a refused call left posted is matched later."""
+    group = dist.new_group(list(range(world_size)))
+    src, dst = Layout.cp(range(world_size), LENS, "zigzag"), Layout.cp(range(world_size), LENS, "contiguous")
+    t = Transform(src, dst, group=group, timeout=TIMEOUT)
+    xg = [_global(LENS, h=512, seed=s) for s in range(3)]
+    for _ in range(2):
+        t(src.shard(xg[0], rank))
+    refused = []
+    for bad in (torch.float64, torch.float16):  # on its own (too big for the room), then riding
+        try:
+            t(src.shard(xg[1], rank).to(bad if rank == 0 else torch.float32))
+            refused.append(False)
+        except ValueError:
+            refused.append(True)
+    t2 = Transform(src, dst, group=group, timeout=TIMEOUT)  # a new transform on the same pairs
+    good = [torch.equal(tt(src.shard(xg[2], rank)), dst.shard(xg[2], rank)) for tt in (t, t2, t)]
+    return refused, good
+
+
+def test_refused_calls_leave_the_pairs_usable(world):
+    for rank, (refused, good) in enumerate(world(4).run(refused_then_reused, timeout=120)):
+        assert refused == [True, True] and good == [True] * 3, (rank, refused, good)
