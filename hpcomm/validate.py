@@ -19,8 +19,10 @@ input check failed. Three rules make that safe without an extra round trip (``Ro
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -40,6 +42,7 @@ HEADER_LEN = 14
 _HEADER_WORDS = HEADER_BYTES // 8
 
 
+@lru_cache(maxsize=256)  # a call's trailing shape is digested every call: mostly the same few
 def digest(text: str) -> int:
     """A 63-bit digest equal across processes (``hash`` of str is salted per process)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
@@ -181,8 +184,9 @@ class Round:
             row = list(head)
             row[SENDS:FAILED] = [*pairs.get(p, (-1, -1, -1)), int(p in inline), *ahead[p]]
             self.mine[p] = row
-        words = torch.tensor([self.mine[p] + [0] * (_HEADER_WORDS - HEADER_LEN) for p in peers], dtype=torch.int64)
-        heads = dict(zip(peers, words.view(torch.uint8)))
+        words = np.zeros((len(peers), _HEADER_WORDS), dtype=np.int64)
+        words[:, :HEADER_LEN] = [self.mine[p] for p in peers]
+        heads = dict(zip(peers, torch.from_numpy(words).view(torch.uint8)))
         # first the headers a payload of its own waits for, then those carrying their payload, then
         # the rest (only the final check reads them)
         alone = [p for p in peers if p not in inline]
@@ -194,12 +198,12 @@ class Round:
             for p, pending in zip(peers, got):
                 self.slots[p].pending = pending
             return
-        self._post([(p, heads[p].to(self._device)) for p in alone if p in pairs and pairs[p][0] > 0])
+        self._post([(p, heads[p]) for p in alone if p in pairs and pairs[p][0] > 0])
         for p in inline:
             message = pack(p)  # type: ignore[misc]
             message[:HEADER_BYTES].copy_(heads[p])
             self._post([(p, message)])
-        self._post([(p, heads[p].to(self._device)) for p in alone if not (p in pairs and pairs[p][0] > 0)])
+        self._post([(p, heads[p]) for p in alone if not (p in pairs and pairs[p][0] > 0)])
         if self._ahead:  # after the sends: they are what peers wait for
             for p in peers:
                 self.links[p].post_ahead(ahead[p][1], self._transport, self._deadline)
@@ -213,7 +217,7 @@ class Round:
         if peer not in self._rows:
             slot = self.slots[peer]
             slot.pending.wait()
-            row = slot.buf[:HEADER_BYTES].view(torch.int64)[:HEADER_LEN].tolist()
+            row = slot.buf[:HEADER_LEN * 8].view(torch.int64).tolist()
             if row[MAGIC] == _MAGIC:
                 self.links[peer].learn(row[NEXT_INDEX], row[NEXT_ROOM])
             self._rows[peer] = row
