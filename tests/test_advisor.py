@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from counting import counted
 from hpcomm import Layout
 from hpcomm.advisor import (PRESETS, Candidate, DataSpec, ModelSpec, ModuleDims, ModuleSpec, Sample,
                             predict, rank)
@@ -169,18 +170,11 @@ def _step_transform_calls(rank, world_size, cfg):
     from hpcomm import engine
     from hpcomm.trainer.train import train
 
-    calls = []
-    start = engine.Engine.start
+    def crossing(self, x, r, backward, *args, **kwargs):  # on the training thread, not the prefetcher
+        return threading.current_thread() is threading.main_thread() and self.spec.crosses[backward]
 
-    def counting(self, x, r, backward, *args, **kwargs):
-        if threading.current_thread() is threading.main_thread() and self.spec.crosses[backward]:
-            calls.append(backward)
-        return start(self, x, r, backward, *args, **kwargs)
-    engine.Engine.start = counting
-    try:
+    with counted(engine.Engine, "start", crossing) as calls:
         train(cfg, rank, world_size, progress=False)
-    finally:
-        engine.Engine.start = start
     return len(calls)
 
 

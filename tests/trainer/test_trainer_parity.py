@@ -12,6 +12,7 @@ losses over a few AdamW steps to well under the CLI's 1e-4."""
 import pytest
 
 import hpcomm.trainer.parallelize as parallelize
+from counting import counted
 from hpcomm.trainer.model import Config
 from hpcomm.trainer.parallelize import ParallelDims
 from hpcomm.trainer.data import SyntheticDataset
@@ -122,17 +123,8 @@ def run_counting_backward(rank, world_size, cfg):
     """How many backward passes this rank starts."""
     import torch
 
-    original, calls = torch.autograd.backward, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    torch.autograd.backward = counted
-    try:
+    with counted(torch.autograd, "backward") as calls:
         train(cfg, rank, world_size, progress=False)
-    finally:
-        torch.autograd.backward = original
     return len(calls)
 
 

@@ -1,0 +1,22 @@
+"""Counting the calls of a function while the code under test runs (patched in place, restored)."""
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+
+@contextmanager
+def counted(owner: Any, name: str, keep: Callable[..., bool] = lambda *a, **k: True) -> Iterator[list]:
+    """Patch ``owner.name`` to record the arguments of each call that ``keep`` accepts."""
+    calls: list = []
+    original = getattr(owner, name)
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        if keep(*args, **kwargs):
+            calls.append(args)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, counting)
+    try:
+        yield calls
+    finally:
+        setattr(owner, name, original)
