@@ -106,7 +106,7 @@ def module_step(m: ModuleSpec, model: ModelSpec, dims: ModuleDims, work: RankWor
         cp = max(0.0, cp - attn)
     out["cp"] = cp + (cluster.plan_overhead if calls["cp"] else 0.0)
     if calls["pp"]:
-        lk = link(cluster, 2 * dims.stage_size)
+        lk = link(cluster, 2 * dims.stage.size)
         out["pp"] = cluster.plan_overhead + calls["pp"] * (
             cluster.collective_overhead + lk.latency + work.sp_rows * m.hidden * ab / lk.bandwidth)
     return out

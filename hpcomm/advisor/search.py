@@ -70,7 +70,7 @@ def candidates(model: ModelSpec, data: DataSpec, cluster: ClusterSpec,
     for llm in llm_options(model, data, cluster, g):
         for m in micro_batch_options(llm, data):
             out.append(Candidate(ModuleDims(dp=llm.dp, cp=llm.cp, tp=llm.tp), llm, "homogeneous", m))
-            for enc in encoder_options(model, cluster, llm.stage_size):
+            for enc in encoder_options(model, cluster, llm.stage.size):
                 if (enc.dp, enc.cp, enc.tp) != (llm.dp, llm.cp, llm.tp):
                     out.append(Candidate(enc, llm, "colocated", m))
     unit = cluster.gpus_per_node if g >= 4 * cluster.gpus_per_node else 1

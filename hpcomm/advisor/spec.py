@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from hpcomm.trainer.dims import ParallelDims
+
 
 @dataclass(frozen=True)
 class ModuleSpec:
@@ -199,33 +201,13 @@ PRESETS: dict[str, ClusterSpec] = {
 
 
 @dataclass(frozen=True)
-class ModuleDims:
-    """Parallel degrees of one module."""
-
-    dp: int = 1
-    cp: int = 1
-    tp: int = 1
-    pp: int = 1
-
-    @property
-    def size(self) -> int:
-        return self.dp * self.cp * self.tp * self.pp
-
-    @property
-    def stage_size(self) -> int:
-        return self.dp * self.cp * self.tp
+class ModuleDims(ParallelDims):
+    """Parallel degrees of one module (the trainer's, with its parser), shown the advisor's way:
+    dp always, the others when above 1."""
 
     def __str__(self) -> str:
         return ",".join(f"{k}={v}" for k, v in (("dp", self.dp), ("cp", self.cp), ("tp", self.tp),
                                                  ("pp", self.pp)) if v > 1 or k == "dp")
-
-    @classmethod
-    def parse(cls, text: str) -> ModuleDims:
-        """'dp=2,tp=2' -> ModuleDims(dp=2, tp=2), with the reference trainer's syntax and checks."""
-        from hpcomm.trainer.parallelize import ParallelDims  # the one parser of degree specs
-
-        d = ParallelDims.parse(text)
-        return cls(dp=d.dp, cp=d.cp, tp=d.tp, pp=d.pp)
 
 
 @dataclass(frozen=True)
@@ -245,9 +227,9 @@ class Candidate:
             raise ValueError(f"unknown placement {self.placement!r}")
         if self.encoder.pp != 1:
             raise ValueError("the encoder is not pipelined (pp=1)")
-        if self.placement != "noncolocated" and self.encoder.size != self.llm.stage_size:
+        if self.placement != "noncolocated" and self.encoder.size != self.llm.stage.size:
             raise ValueError(f"{self.placement}: the encoder ({self.encoder}) must cover the LLM's "
-                             f"first-stage ranks ({self.llm.stage_size})")
+                             f"first-stage ranks ({self.llm.stage.size})")
         if self.placement == "homogeneous" and (self.encoder.dp, self.encoder.cp, self.encoder.tp) != (
                 self.llm.dp, self.llm.cp, self.llm.tp):
             raise ValueError(f"homogeneous: the encoder inherits the LLM's degrees ({self.llm})")
