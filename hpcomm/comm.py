@@ -197,12 +197,11 @@ _links: dict[tuple[int, int], Link] = {}  # (id of the group, peer) -> Link
 @dataclass
 class Slot:
     """One posted receive of a peer's header message: ``room`` bytes (the header, then room for a
-    payload), the ``index``-th header receive this rank posted from that peer."""
+    payload)."""
 
     buf: torch.Tensor
     room: int
     pending: Any  # Pending (None until an NCCL header round posts it)
-    index: int
 
 
 class Link:
@@ -257,7 +256,7 @@ class Link:
         buf = self.spare.pop(fit) if fit is not None else torch.empty(room, dtype=torch.uint8)
         pending = transport.post([], [(self.peer, buf[:room])], HEADER_TAG, what, deadline)[1][0]
         self.posted += 1
-        return Slot(buf, room, pending, self.posted - 1)
+        return Slot(buf, room, pending)
 
     def give(self, buf: torch.Tensor) -> None:
         """A slot's buffer, read and done with: kept for a later receive (two cover a call and

@@ -302,18 +302,17 @@ class Call:
 
     def __init__(self, engine: Engine, exe: Exec | None, x_flat: torch.Tensor, out: torch.Tensor,
                  send_buf: torch.Tensor | None, recv_buf: torch.Tensor | None, what: str,
-                 round: validate.Round | None = None) -> None:
+                 transport: Any = None, tags: dict[int, int] | None = None, deadline: Any = None) -> None:
         self.engine, self.exe, self.x_flat, self.out = engine, exe, x_flat, out
-        self.send_buf, self.recv_buf, self.what, self.round = send_buf, recv_buf, what, round
+        self.send_buf, self.recv_buf, self.what = send_buf, recv_buf, what
+        self.transport, self.tags, self.deadline = transport, tags or {}, deadline  # for late receives
+        self.round: validate.Round | None = None  # the headers, when the call crosses the wire
+        self.checked = True  # every header checked (or none to check)
         self.sends: list[comm.Pending] = []
         self.recvs: dict[int, comm.Pending] = {}  # the rest arrive in their headers' messages
         self.inline: list[torch.Tensor] = []  # header messages carrying a payload (pooled)
         self.sent_inline: set[int] = set()  # peers this rank's payload rode to in its header
         self.later: set[int] = set()  # peers whose payload may ride in their header: see finish
-        self.transport: Any = None  # what finish needs to post the others' receives
-        self.tags: dict[int, int] = {}
-        self.deadline: Any = None
-        self.checked = round is None
 
     def finish(self) -> torch.Tensor:
         exe = self.exe
@@ -539,8 +538,7 @@ class Engine:
         out_flat = data.view(-1)
         send_buf = self.pool.take(exe.send_numel, wire, x.device) if exe.send_numel else None
         recv_buf = self.pool.take(exe.recv_numel, wire, x.device) if exe.recv_numel else None
-        call = Call(self, exe, x_flat, out, send_buf, recv_buf, what)
-        call.transport, call.tags, call.deadline = transport, tags, deadline
+        call = Call(self, exe, x_flat, out, send_buf, recv_buf, what, transport, tags, deadline)
         if simulated:
             transport.rank = rank
         # The header protocol (validate.Round): each peer gets one header message, carrying the
@@ -551,7 +549,6 @@ class Engine:
         # out one by one, each packed while the previous one is on the wire. NCCL needs a rank's
         # sends and receives in one group, so there the headers are checked first.
         eager = x.device.type == "cpu" and transport.host_ok()  # (tests force the NCCL way on gloo)
-        local_done = False
         try:
             round: validate.Round | None = None
             if crosses:
@@ -574,13 +571,10 @@ class Engine:
                     return message
 
                 call.sent_inline = {m.peer for m in exe.sends if m.numel * size <= round.send_room(m.peer)}
-                pairs = {p: (0, 0, tag) for p, tag in tags.items()}
-                for m in exe.sends:
-                    pairs[m.peer] = (m.numel, pairs[m.peer][1], pairs[m.peer][2])
-                for m in exe.recvs:
-                    pairs[m.peer] = (pairs[m.peer][0], m.numel, pairs[m.peer][2])
+                sends, expects = {m.peer: m.numel for m in exe.sends}, {m.peer: m.numel for m in exe.recvs}
+                pairs = {p: (sends.get(p, 0), expects.get(p, 0), tag) for p, tag in tags.items()}
                 round.send(validate.header(spec.fingerprint, backward, seq, x, spec.trailing(x)), pairs,
-                           {m.peer: m.numel * size for m in exe.recvs},
+                           {p: n * size for p, n in expects.items()},
                            [m.peer for m in exe.sends if m.peer in call.sent_inline], pack)
                 call.later = {m.peer for m in exe.recvs if m.numel * size <= round.recv_room(m.peer)}
             if eager:
@@ -596,21 +590,18 @@ class Engine:
                         (batch if not eager else waiting).append(message)
                     elif round is None or round.agrees(m.peer):
                         call.sends += transport.post([message], [], tags, what, deadline)[0]
-            if eager and waiting:  # the local copy gives the headers time; then each as it comes
-                if not exe.plan.accumulate and exe.local is not None:
-                    backend.apply(exe.local, x_flat, out_flat, False)
-                    local_done = True
-                for message in waiting:
-                    if round.agrees(message[0]):  # type: ignore[union-attr]
-                        call.sends += transport.post([message], [], tags, what, deadline)[0]
             if not eager:
                 if round is not None:
                     call.check()
                 recv_list = [(m.peer, _place(m, out_flat, recv_buf)) for m in exe.recvs]  # type: ignore[arg-type]
                 sent, got = transport.post(batch, recv_list, tags, what, deadline)
                 call.sends, call.recvs = sent, {p.peer: p for p in got}
-            if not exe.plan.accumulate and exe.local is not None and not local_done:  # while messages fly
+            # the local copies run while messages fly (and give late headers time to come)
+            if not exe.plan.accumulate and exe.local is not None:
                 backend.apply(exe.local, x_flat, out_flat, False)
+            for message in waiting:  # each as its receiver's header comes
+                if round.agrees(message[0]):  # type: ignore[union-attr]
+                    call.sends += transport.post([message], [], tags, what, deadline)[0]
         except BaseException:
             call.release(False)
             raise

@@ -156,8 +156,8 @@ class Round:
         if self._host:
             self.slots = {p: link.take(transport, what, deadline) for p, link in self.links.items()}
         else:  # NCCL: a header's receive goes in one group with the header sends (see send)
-            self.slots = {p: Slot(torch.empty(HEADER_BYTES, dtype=torch.uint8, device=device), HEADER_BYTES,
-                                  None, -1) for p in peers}
+            self.slots = {p: Slot(torch.empty(HEADER_BYTES, dtype=torch.uint8, device=device), HEADER_BYTES, None)
+                          for p in peers}
         self.mine: dict[int, list[int]] = {}
         self._device = device
         self._sent: list[Any] = []
