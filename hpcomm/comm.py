@@ -248,6 +248,12 @@ class Link:
         room = HEADER_BYTES + min(ROOM_MAX, -(-max(self.recent) * 5 // 4 // 4096) * 4096)  # 25% slack
         return self.posted, max(room, DEFAULT_ROOM)
 
+    def unasked(self) -> None:
+        """The peer sent this call's payload on its own by choice: the receives posted ahead need
+        no room for it."""
+        if self.recent:
+            self.recent[-1] = 0
+
     def post_ahead(self, room: int, transport: P2P, deadline: Deadline) -> None:
         self.ahead = self._post(room, transport, "a later call (header)", deadline)
 
@@ -268,6 +274,7 @@ class Link:
 
 DEFAULT_ROOM = HEADER_BYTES + (16 << 10)  # every header receive has this room at least
 ROOM_MAX = 64 << 20  # payloads larger than this never ride in a header (they go on their own)
+IN_PLACE_MIN = 256 << 10  # a payload this big that is a block of its tensor goes on its own (engine)
 
 
 class Simulated:

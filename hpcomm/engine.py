@@ -201,9 +201,12 @@ def _messages(segments: Sequence[tuple[int, Segments]], outer: int, width: int, 
     tensor_col = 0 if tensor_is_src else 1
     for peer, seg in segments:
         numel, table = _table(seg, outer, width, tensor_is_src, row_map)
-        contiguous = len(table) == 1 and (table[0, 2] == 1 or table[0, 4 + tensor_col] == table[0, 3])
-        if direct_ok and contiguous:
-            out.append(Message(peer, numel, int(table[0, tensor_col]), 0, None))
+        # one block of the tensor: every segment dense, each as far from the first in the tensor
+        # as in the message (segments that are apart on the other side may still be adjacent here)
+        dense = (table[:, 2] == 1) | (table[:, 4 + tensor_col] == table[:, 3])
+        shift = table[:, tensor_col] - table[:, 1 - tensor_col]
+        if direct_ok and dense.all() and (shift == shift[0]).all():
+            out.append(Message(peer, numel, int(shift[0]), 0, None))
             continue
         out.append(Message(peer, numel, None, pos, backend.prepare(torch.from_numpy(table), device)))
         pos += numel + gap
@@ -295,6 +298,13 @@ def _place(m: Message, tensor: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     if m.view_offset is not None:
         return tensor[m.view_offset:m.view_offset + m.numel]
     return buf[m.buf_offset:m.buf_offset + m.numel]
+
+
+def _in_place(m: Message, itemsize: int) -> bool:
+    """A big payload sent from, or received into, the tensor itself travels in a message of its
+    own: copying it into or out of a header's message costs more than the second message. (Its
+    receiver asks for no room for it, and its sender does not let it ride.)"""
+    return m.view_offset is not None and m.numel * itemsize >= comm.IN_PLACE_MIN
 
 
 class Call:
@@ -570,12 +580,14 @@ class Engine:
                     self._pack(m, x_flat, send_buf, backend, message[comm.HEADER_BYTES:].view(wire))
                     return message
 
-                call.sent_inline = {m.peer for m in exe.sends if m.numel * size <= round.send_room(m.peer)}
+                own = {m.peer for m in exe.sends if _in_place(m, size)}
+                call.sent_inline = {m.peer for m in exe.sends
+                                    if m.numel * size <= round.send_room(m.peer) and m.peer not in own}
                 sends, expects = {m.peer: m.numel for m in exe.sends}, {m.peer: m.numel for m in exe.recvs}
                 pairs = {p: (sends.get(p, 0), expects.get(p, 0), tag) for p, tag in tags.items()}
-                round.send(validate.header(spec.fingerprint, backward, seq, x, spec.trailing(x)), pairs,
-                           {p: n * size for p, n in expects.items()},
-                           [m.peer for m in exe.sends if m.peer in call.sent_inline], pack)
+                room = {m.peer: 0 if _in_place(m, size) else m.numel * size for m in exe.recvs}
+                round.send(validate.header(spec.fingerprint, backward, seq, x, spec.trailing(x)), pairs, room,
+                           [m.peer for m in exe.sends if m.peer in call.sent_inline], pack, own)
                 call.later = {m.peer for m in exe.recvs if m.numel * size <= round.recv_room(m.peer)}
             if eager:
                 call.recvs = {p.peer: p for p in transport.post(

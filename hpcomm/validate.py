@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ _MAGIC = 0x68_70_63_6F_6D_6D  # "hpcomm": a stray message of the right size is s
 # header fields
 (MAGIC, FINGERPRINT, BACKWARD, SEQ, DTYPE, DEVICE, SHAPE,  # the call: equal on every rank
  SENDS, EXPECTS, TAG,  # the pair's payload: what each side sends and expects, and its tag
- INLINE, NEXT_INDEX, NEXT_ROOM,  # this message carries the payload; the room of the next receive
+ INLINE, NEXT_INDEX, NEXT_ROOM,  # 1: the payload rides here (2: on its own by choice); next room
  FAILED) = range(14)
 HEADER_LEN = 14
 _HEADER_WORDS = HEADER_BYTES // 8
@@ -173,16 +173,20 @@ class Round:
         return self.slots[peer].room - HEADER_BYTES if self._ahead else -1
 
     def send(self, head: list[int], pairs: Mapping[int, tuple[int, int, int]], expect: Mapping[int, int],
-             inline: Sequence[int] = (), pack: Callable[[int], torch.Tensor] | None = None) -> None:
+             inline: Sequence[int] = (), pack: Callable[[int], torch.Tensor] | None = None,
+             own: Collection[int] = ()) -> None:
         """Send each peer this rank's header: ``head`` with the pair's (sends, expects, tag); to
         the peers in ``inline`` with the payload ``pack(peer)`` returns behind it (a uint8 buffer:
-        HEADER_BYTES of room, then the payload), each sent as soon as it is packed. Then post the
-        receives of the peers' next headers (room for ``expect`` bytes, recent calls considered)."""
+        HEADER_BYTES of room, then the payload), each sent as soon as it is packed; ``own``: peers
+        whose payload goes on its own by this rank's choice, even if it would fit (its receiver
+        then stops making room for it). Then post the receives of the peers' next headers (room for
+        ``expect`` bytes, recent calls considered)."""
         peers = list(self.links)
         ahead = {p: self.links[p].plan_ahead(expect.get(p, 0)) if self._ahead else (-1, -1) for p in peers}
         for p in peers:
             row = list(head)
-            row[SENDS:FAILED] = [*pairs.get(p, (-1, -1, -1)), int(p in inline), *ahead[p]]
+            row[SENDS:FAILED] = [*pairs.get(p, (-1, -1, -1)), 1 if p in inline else 2 if p in own else 0,
+                                 *ahead[p]]
             self.mine[p] = row
         words = np.zeros((len(peers), _HEADER_WORDS), dtype=np.int64)
         words[:, :HEADER_LEN] = [self.mine[p] for p in peers]
@@ -220,6 +224,8 @@ class Round:
             row = slot.buf[:HEADER_LEN * 8].view(torch.int64).tolist()
             if row[MAGIC] == _MAGIC:
                 self.links[peer].learn(row[NEXT_INDEX], row[NEXT_ROOM])
+                if row[INLINE] == 2 and self._ahead:
+                    self.links[peer].unasked()
             self._rows[peer] = row
         return self._rows[peer]
 

@@ -61,6 +61,42 @@ def test_a_repeated_call_is_one_message_per_peer(world):
         assert [(h, alone) for h, alone, _ in per_call[1:]] == [(3, 0)] * 3, (rank, per_call)
 
 
+def in_place_blocks(rank, world_size):
+    """Big payloads that are one block of their tensor: forward, CP contiguous -> DP, each message
+    is one block of the source (sent from it) landing as two runs; backward the other way round
+    (received into the gradient in place). Each travels on its own after its header, and no
+    receive ahead is grown for it."""
+    lens = [256] * 8  # 4 KiB rows: each pair's message is two 64-row chunks, 512 KiB
+    src, dst = Layout.cp(range(world_size), lens, "contiguous"), Layout.dp(range(world_size), lens)
+    group = dist.new_group(list(range(world_size)))
+    t = Transform(src, dst, group=group, grad="sum")
+    x_global = _global(lens, h=1024)
+    per_call, ok = [], []
+    counts, restore = _recording()
+    try:
+        for step in range(3):
+            x = src.shard(x_global, rank).clone().requires_grad_()
+            before = dict(counts)
+            y = t(x)
+            per_call.append((counts["header"] - before["header"], counts["alone"] - before["alone"]))
+            g = torch.full_like(y, float(step + rank))
+            y.backward(g)
+            expect = t.simulate_backward({r: torch.full((dst.local_num_rows(r), 1024), float(step + r))
+                                          for r in dst.ranks})[rank]
+            ok.append(torch.equal(y, dst.shard(x_global, rank)) and torch.equal(x.grad, expect))
+    finally:
+        restore()
+    rooms = [comm.P2P(group, None).link(p).ahead.room for p in range(world_size) if p != rank]
+    return ok, per_call, rooms
+
+
+def test_big_blocks_go_on_their_own_in_place(world):
+    for rank, (ok, per_call, rooms) in enumerate(world(4).run(in_place_blocks)):
+        assert all(ok), (rank, ok)
+        assert per_call == [(3, 3)] * 3, (rank, per_call)  # a header to each peer, then each block
+        assert rooms == [comm.DEFAULT_ROOM] * 3, (rank, rooms)
+
+
 def changing_sizes(rank, world_size):
     """Every step a new transform, its payloads 4x larger or smaller than the last (beyond the
     announced room's slack, both ways), forward and backward, against the single-process answer."""
@@ -172,13 +208,15 @@ def test_the_grouped_path_on_gloo(world):
         assert "torch.float64" in message and "torch.float32" in message, message
 
 
-def refused_then_reused(rank, world_size):
+def refused_then_reused(rank, world_size, blocks):
     """After a refused call with payloads in flight (riding in headers, and on their own), the
-    group's next calls are exact: nothing a refused call left posted is matched later."""
+    group's next calls are exact: nothing a refused call left posted is matched later. ``blocks``:
+    big payloads sent from the input and received into the output in place."""
     group = dist.new_group(list(range(world_size)))
-    src, dst = Layout.cp(range(world_size), LENS, "zigzag"), Layout.cp(range(world_size), LENS, "contiguous")
+    lens, h = ([1024], 1024) if blocks else (LENS, 512)  # blocks: one sequence, 512 KiB chunks
+    src, dst = Layout.cp(range(world_size), lens, "zigzag"), Layout.cp(range(world_size), lens, "contiguous")
     t = Transform(src, dst, group=group, timeout=TIMEOUT)
-    xg = [_global(LENS, h=512, seed=s) for s in range(3)]
+    xg = [_global(lens, h=h, seed=s) for s in range(3)]
     for _ in range(2):
         t(src.shard(xg[0], rank))
     refused = []
@@ -189,10 +227,16 @@ def refused_then_reused(rank, world_size):
         except ValueError:
             refused.append(True)
     t2 = Transform(src, dst, group=group, timeout=TIMEOUT)  # a new transform on the same pairs
-    good = [torch.equal(tt(src.shard(xg[2], rank)), dst.shard(xg[2], rank)) for tt in (t, t2, t)]
-    return refused, good
+    counts, restore = _recording()
+    try:
+        good = [torch.equal(tt(src.shard(xg[2], rank)), dst.shard(xg[2], rank)) for tt in (t, t2, t)]
+    finally:
+        restore()
+    return refused, good, counts["alone"] > 0
 
 
-def test_refused_calls_leave_the_pairs_usable(world):
-    for rank, (refused, good) in enumerate(world(4).run(refused_then_reused, timeout=120)):
+@pytest.mark.parametrize("blocks", [False, True])
+def test_refused_calls_leave_the_pairs_usable(world, blocks):
+    for rank, (refused, good, alone) in enumerate(world(4).run(refused_then_reused, blocks, timeout=120)):
         assert refused == [True, True] and good == [True] * 3, (rank, refused, good)
+        assert alone == blocks, rank  # (a repeated call's payloads ride in their headers otherwise)
