@@ -274,7 +274,14 @@ class Link:
 
 DEFAULT_ROOM = HEADER_BYTES + (16 << 10)  # every header receive has this room at least
 ROOM_MAX = 64 << 20  # payloads larger than this never ride in a header (they go on their own)
-IN_PLACE_MIN = 256 << 10  # a payload this big that is a block of its tensor goes on its own (engine)
+IN_PLACE_MIN = 256 << 10  # payloads (or pieces, on average) this big go on their own (engine.Message)
+MAX_PIECES = 1024  # pieces of one message (each has a tag of its own: piece_tag)
+
+
+def piece_tag(tag: int, i: int) -> int:
+    """The tag of piece ``i`` of a payload tagged ``tag`` (piece 0 keeps it): above every payload
+    tag, distinct per piece, and below 2^31."""
+    return tag + (i << 21)
 
 
 class Simulated:
@@ -282,8 +289,8 @@ class Simulated:
     receives; ``deliver`` then fills every receive from its matching send."""
 
     def __init__(self) -> None:
-        self._sends: dict[tuple[int, int], torch.Tensor] = {}
-        self._recvs: list[tuple[int, int, torch.Tensor]] = []
+        self._sends: dict[tuple[int, int, int], torch.Tensor] = {}  # (from, to, tag)
+        self._recvs: list[tuple[int, int, int, torch.Tensor]] = []
         self.rank = -1  # the rank whose messages the next post carries
 
     def deadline(self) -> Deadline:
@@ -297,20 +304,21 @@ class Simulated:
 
     def post(self, sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[int, torch.Tensor]],
              tag: Tags, what: str, deadline: Deadline) -> tuple[list[Pending], list[Pending]]:
+        tag_of = (lambda p: tag) if isinstance(tag, int) else tag.__getitem__
         for peer, t in sends:
-            self._sends[(self.rank, peer)] = t
-        self._recvs += [(peer, self.rank, t) for peer, t in recvs]
+            self._sends[(self.rank, peer, tag_of(peer))] = t
+        self._recvs += [(peer, self.rank, tag_of(peer), t) for peer, t in recvs]
         return ([Pending(None, p, "", what, deadline, False) for p, _ in sends],
                 [Pending(None, p, "", what, deadline, False) for p, _ in recvs])
 
     def deliver(self) -> None:
-        for peer, rank, t in self._recvs:
-            src = self._sends.pop((peer, rank), None)
+        for peer, rank, tag, t in self._recvs:
+            src = self._sends.pop((peer, rank, tag), None)
             if src is None or src.numel() != t.numel():
                 raise TransformError(f"plan mismatch: rank {rank} expects {t.numel()} elements from rank "
                                      f"{peer}, which sends {None if src is None else src.numel()}")
             t.copy_(src)
         if self._sends:
-            (rank, peer), _ = next(iter(self._sends.items()))
+            (rank, peer, _), _ = next(iter(self._sends.items()))
             raise TransformError(f"plan mismatch: rank {rank} sends to rank {peer}, which expects nothing")
         self._recvs = []

@@ -150,15 +150,23 @@ def _remap(seg: Segments, row_map: tuple[np.ndarray, np.ndarray]) -> tuple[Segme
 
 @dataclass(frozen=True, eq=False)
 class Message:
-    """One peer's message: its size, where it lives (a view of the tensor at ``view_offset``, or
-    the pooled buffer at ``buf_offset``), and for a buffered one its prepared pack/unpack table
-    (buffer offsets relative to the message start)."""
+    """One peer's message: its size; for a buffered one, its place in the pooled buffer and its
+    prepared pack/unpack table (buffer offsets relative to the message start); and ``parts``,
+    (offset, numel) of each piece it travels as on its own: pieces of the tensor itself when it
+    has no table (sent from the input, received into the output), else of its buffer place.
+    No parts: it is one message, packed (or unpacked) at ``buf_offset``."""
 
     peer: int
     numel: int
-    view_offset: int | None
+    parts: tuple[tuple[int, int], ...]
     buf_offset: int
     table: Prepared | None
+
+    def own(self, itemsize: int) -> bool:
+        """Whether it travels on its own by choice (its receiver then asks no room for it):
+        in pieces, or one big block of the tensor, which copying into or out of a header's
+        message would cost more than a message of its own."""
+        return len(self.parts) > 1 or (self.table is None and self.numel * itemsize >= comm.IN_PLACE_MIN)
 
 
 def _table(seg: Segments, outer: int, width: int, tensor_is_src: bool,
@@ -194,34 +202,61 @@ class Exec:
 
 
 def _messages(segments: Sequence[tuple[int, Segments]], outer: int, width: int, tensor_is_src: bool,
-              row_map: tuple[np.ndarray, np.ndarray] | None, direct_ok: bool, backend: Backend,
-              device: torch.device, gap: int = 0) -> tuple[tuple[Message, ...], int]:
-    """``gap``: elements left free before each buffered message (room for its header)."""
+              row_map: tuple[np.ndarray, np.ndarray] | None, direct_ok: bool, piece_min: int,
+              theirs: Callable[[int], Segments], backend: Backend, device: torch.device, gap: int = 0
+              ) -> tuple[tuple[Message, ...], int]:
+    """``direct_ok``: a message may live in the tensor itself; ``piece_min``: a message whose
+    pieces average this many elements travels in pieces (0: never); ``theirs(peer)``: the peer's
+    segments of the message; ``gap``: elements left free before each buffered message (room for
+    its header)."""
     out, pos = [], gap
     tensor_col = 0 if tensor_is_src else 1
     for peer, seg in segments:
         numel, table = _table(seg, outer, width, tensor_is_src, row_map)
-        # one block of the tensor: every segment dense, each as far from the first in the tensor
-        # as in the message (segments that are apart on the other side may still be adjacent here)
         dense = (table[:, 2] == 1) | (table[:, 4 + tensor_col] == table[:, 3])
-        shift = table[:, tensor_col] - table[:, 1 - tensor_col]
-        if direct_ok and dense.all() and (shift == shift[0]).all():
-            out.append(Message(peer, numel, int(shift[0]), 0, None))
-            continue
-        out.append(Message(peer, numel, None, pos, backend.prepare(torch.from_numpy(table), device)))
+        # Pieces: cut wherever either side's segments (runs of its tensor, in message order) end,
+        # so both sides cut alike and every piece is one run on both
+        units = seg.num_rows * seg.num_cols
+        cuts = np.zeros(1, _I64)  # where the pieces start, in elements of the message
+        if piece_min and numel >= 2 * piece_min:
+            other = theirs(peer)
+            ends = np.concatenate([np.cumsum(units)[:-1], np.cumsum(other.num_rows * other.num_cols)[:-1]])
+            cuts = np.unique(np.concatenate([[0], ends])).astype(_I64) * outer
+        if 1 < len(cuts) <= comm.MAX_PIECES and numel >= piece_min * len(cuts):
+            sizes = np.diff(np.append(cuts, numel))
+            if direct_ok and row_map is None and dense.all():  # each piece straight from / into the tensor
+                starts = (np.cumsum(units) - units) * outer
+                mine = np.searchsorted(starts, cuts, "right") - 1  # the segment each piece is in
+                offsets = table[mine, tensor_col] + (cuts - starts[mine])
+                out.append(Message(peer, numel, tuple(zip(offsets.tolist(), sizes.tolist())), 0, None))
+                continue
+            parts = tuple(zip(cuts.tolist(), sizes.tolist()))
+        else:
+            # one block of the tensor: every segment dense, each as far from the first in the
+            # tensor as in the message (segments apart on the other side may be adjacent here)
+            shift = table[:, tensor_col] - table[:, 1 - tensor_col]
+            if direct_ok and dense.all() and (shift == shift[0]).all():
+                out.append(Message(peer, numel, ((int(shift[0]), numel),), 0, None))
+                continue
+            parts = ()
+        out.append(Message(peer, numel, parts, pos, backend.prepare(torch.from_numpy(table), device)))
         pos += numel + gap
     return tuple(out), pos if pos > gap else 0
 
 
 def _prepare(plan: RankPlan, outer: int, w_in: int, w_out: int, row_map: RowMap | None,
-             zero_copy: bool, backend: Backend, device: torch.device, itemsize: int) -> Exec:
+             zero_copy: bool, peers: Callable[[int], RankPlan] | None, backend: Backend,
+             device: torch.device, itemsize: int) -> Exec:
     """``itemsize``: of the wire dtype; each buffered send has a header's room before it, so it can
-    go out in its header's message without a copy."""
+    go out in its header's message without a copy. ``peers``: the other ranks' plans, when big
+    messages may travel in pieces (host transports: see comm.IN_PLACE_MIN)."""
     rmap = None if row_map is None else (np.asarray(row_map[0], _I64), np.asarray(row_map[1], _I64))
-    sends, send_numel = _messages(plan.sends, outer, w_in, True, None, zero_copy, backend, device,
+    piece_min = max(1, comm.IN_PLACE_MIN // itemsize) if peers else 0
+    sends, send_numel = _messages(plan.sends, outer, w_in, True, None, zero_copy, piece_min,
+                                  lambda p: dict(peers(p).recvs)[plan.rank], backend, device,  # type: ignore[misc]
                                   comm.HEADER_BYTES // itemsize)
     recvs, recv_numel = _messages(plan.recvs, outer, w_out, False, rmap, zero_copy and not plan.accumulate,
-                                  backend, device)
+                                  piece_min, lambda p: dict(peers(p).sends)[plan.rank], backend, device)  # type: ignore[misc]
     src, dst = plan.local
     if rmap is not None:
         dst, idx, shift = _remap(dst, rmap)
@@ -295,16 +330,18 @@ class BufferPool:
 
 
 def _place(m: Message, tensor: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    if m.view_offset is not None:
-        return tensor[m.view_offset:m.view_offset + m.numel]
+    """A one-piece message's place (in the tensor, or the buffer); a buffered message's place."""
+    if m.table is None:
+        return tensor[m.parts[0][0]:m.parts[0][0] + m.numel]
     return buf[m.buf_offset:m.buf_offset + m.numel]
 
 
-def _in_place(m: Message, itemsize: int) -> bool:
-    """A big payload sent from, or received into, the tensor itself travels in a message of its
-    own: copying it into or out of a header's message costs more than the second message. (Its
-    receiver asks for no room for it, and its sender does not let it ride.)"""
-    return m.view_offset is not None and m.numel * itemsize >= comm.IN_PLACE_MIN
+def _pieces(m: Message, tensor: torch.Tensor, buf: torch.Tensor | None) -> list[torch.Tensor]:
+    """What travels: the message's pieces, or the message whole."""
+    if len(m.parts) < 2:
+        return [_place(m, tensor, buf)]  # type: ignore[arg-type]
+    base = tensor if m.table is None else buf[m.buf_offset:m.buf_offset + m.numel]  # type: ignore[index]
+    return [base[o:o + n] for o, n in m.parts]
 
 
 class Call:
@@ -319,7 +356,7 @@ class Call:
         self.round: validate.Round | None = None  # the headers, when the call crosses the wire
         self.checked = True  # every header checked (or none to check)
         self.sends: list[comm.Pending] = []
-        self.recvs: dict[int, comm.Pending] = {}  # the rest arrive in their headers' messages
+        self.recvs: dict[int, list[comm.Pending]] = {}  # (the rest arrive in their headers' messages)
         self.inline: list[torch.Tensor] = []  # header messages carrying a payload (pooled)
         self.sent_inline: set[int] = set()  # peers this rank's payload rode to in its header
         self.later: set[int] = set()  # peers whose payload may ride in their header: see finish
@@ -360,12 +397,13 @@ class Call:
             if not round.agrees(m.peer):  # type: ignore[union-attr]
                 self.check()  # raises, as every rank does
             if m.peer in self.later and not round.carried(m.peer):  # type: ignore[union-attr]
-                # it could have ridden in its header but did not (its sender knew no receive's room)
-                self.recvs.update((p.peer, p) for p in self.transport.post(
-                    [], [(m.peer, _place(m, out_flat, self.recv_buf))], self.tags, self.what, self.deadline)[1])  # type: ignore[arg-type]
+                # it could have ridden in its header but did not (its sender knew no receive's
+                # room, or chose to send it on its own)
+                self.post(m, _pieces(m, out_flat, self.recv_buf), receive=True)
         if m.peer in self.recvs:
-            self.recvs[m.peer].wait()
-            src = _place(m, out_flat, self.recv_buf)  # type: ignore[arg-type]
+            for pending in self.recvs[m.peer]:
+                pending.wait()
+            src = out_flat if m.table is None else _place(m, out_flat, self.recv_buf)  # type: ignore[arg-type]
         else:
             src = self.round.inline(m.peer, out_flat.dtype if self.recv_buf is None else self.recv_buf.dtype,  # type: ignore[union-attr]
                                     m.numel)
@@ -394,15 +432,25 @@ class Call:
                 keep |= not self.round.settle()
             for pending in self.sends:
                 keep |= not _settle(pending)
-            for peer, pending in self.recvs.items():
+            for peer, pendings in self.recvs.items():
                 agreed = self.round is None or self.round.verdict(peer)
-                keep |= not (agreed and _settle(pending))
+                keep |= not (agreed and all([_settle(p) for p in pendings]))
         if keep:
             comm.keep(self.send_buf, self.recv_buf, self.inline, self.sends, self.recvs, self.round)
             return
         for buf in (self.send_buf, self.recv_buf, *self.inline):
             if buf is not None:
                 self.engine.pool.give(buf)
+
+    def post(self, m: Message, pieces: list[torch.Tensor], receive: bool) -> None:
+        """Post one message: each piece under a tag of its own (comm.piece_tag)."""
+        for i, piece in enumerate(pieces):
+            one = [(m.peer, piece)]
+            sent, got = self.transport.post([] if receive else one, one if receive else [],
+                                            comm.piece_tag(self.tags[m.peer], i), self.what, self.deadline)
+            self.sends += sent
+            if receive:
+                self.recvs.setdefault(m.peer, []).extend(got)
 
     def _apply(self, table: Prepared | None, src: torch.Tensor | None, dst: torch.Tensor,
                accumulate: bool) -> None:
@@ -510,7 +558,8 @@ class Engine:
             trailing = spec.trailing(x) if error is None else ()
             validate.agree(spec.fingerprint, spec.ranks, rank, x, trailing, backward, error, transport)
         # Every call that crosses the wire counts, refused ones too: both sides of a pair count alike.
-        tags = transport.payload_tags([r for r in spec.ranks if r != rank] if crosses else [])
+        # (A simulated world's messages cross too, without counting.)
+        tags = transport.payload_tags([r for r in spec.ranks if r != rank] if crosses or simulated else [])
         if error is not None:
             if crosses:
                 deadline = transport.deadline()
@@ -539,9 +588,14 @@ class Engine:
             starts, lengths = runs_from_rows(rows.cpu().numpy().astype(np.int64))
             row_map = (tuple(starts.tolist()), tuple(lengths.tolist()))
         zero_copy = spec.zero_copy and wire == x.dtype
-        exe: Exec = EXECS.get((plan, outer, w_in, w_out, row_map, zero_copy, backend.name, x.device, wire.itemsize),
-                              lambda: _prepare(plan, outer, w_in, w_out, row_map, zero_copy, backend,
-                                               x.device, wire.itemsize))
+        # Host messages: gloo copies each through the kernel anyway, so big ones travel as pieces
+        # sent from and received into the tensors rather than packed (NCCL: packed, one group)
+        eager = x.device.type == "cpu" and transport.host_ok()  # (tests force the NCCL way on gloo)
+        # (the rank plan is one Plan's: the peers' plans it is cut against follow from it)
+        key = (plan, outer, w_in, w_out, row_map, zero_copy, eager, backend.name, x.device, wire.itemsize)
+        peers = (lambda p: spec.rank_plan(p, backward)) if eager else None
+        exe: Exec = EXECS.get(key, lambda: _prepare(plan, outer, w_in, w_out, row_map, zero_copy, peers,
+                                                     backend, x.device, wire.itemsize))
         deadline = transport.deadline()  # every wait of this call, headers included
         if exe.plan.zero_fill:  # only the destination rows: the rest of a caller's out is theirs
             data.zero_() if rows is None else data.index_fill_(0, rows, 0)
@@ -558,7 +612,6 @@ class Engine:
         # the payload cannot ride in the header, else once the header says it did not. Sends go
         # out one by one, each packed while the previous one is on the wire. NCCL needs a rank's
         # sends and receives in one group, so there the headers are checked first.
-        eager = x.device.type == "cpu" and transport.host_ok()  # (tests force the NCCL way on gloo)
         try:
             round: validate.Round | None = None
             if crosses:
@@ -571,67 +624,65 @@ class Engine:
 
                 def pack(peer: int) -> torch.Tensor:  # header room, then the payload packed behind it
                     m = by_peer[peer]
-                    if m.view_offset is None:  # the pack buffer has the room before it
+                    if m.table is not None:  # the pack buffer has the room before it
                         self._pack(m, x_flat, send_buf, backend)
                         start = m.buf_offset * size - comm.HEADER_BYTES
                         return send_buf.view(torch.uint8)[start:start + comm.HEADER_BYTES + m.numel * size]  # type: ignore[union-attr]
                     message = self.pool.take(comm.HEADER_BYTES + m.numel * size, torch.uint8, x.device)
                     call.inline.append(message)
-                    self._pack(m, x_flat, send_buf, backend, message[comm.HEADER_BYTES:].view(wire))
+                    message[comm.HEADER_BYTES:].view(wire).copy_(_place(m, x_flat, send_buf))  # type: ignore[arg-type]
                     return message
 
-                own = {m.peer for m in exe.sends if _in_place(m, size)}
+                own = {m.peer for m in exe.sends if m.own(size)}
                 call.sent_inline = {m.peer for m in exe.sends
                                     if m.numel * size <= round.send_room(m.peer) and m.peer not in own}
                 sends, expects = {m.peer: m.numel for m in exe.sends}, {m.peer: m.numel for m in exe.recvs}
                 pairs = {p: (sends.get(p, 0), expects.get(p, 0), tag) for p, tag in tags.items()}
-                room = {m.peer: 0 if _in_place(m, size) else m.numel * size for m in exe.recvs}
+                room = {m.peer: 0 if m.own(size) else m.numel * size for m in exe.recvs}
                 round.send(validate.header(spec.fingerprint, backward, seq, x, spec.trailing(x)), pairs, room,
                            [m.peer for m in exe.sends if m.peer in call.sent_inline], pack, own)
-                call.later = {m.peer for m in exe.recvs if m.numel * size <= round.recv_room(m.peer)}
+                # (a message in pieces never rides: its sender sends it on its own)
+                call.later = {m.peer for m in exe.recvs
+                              if m.numel * size <= round.recv_room(m.peer) and len(m.parts) < 2}
             if eager:
-                call.recvs = {p.peer: p for p in transport.post(
-                    [], [(m.peer, _place(m, out_flat, recv_buf)) for m in exe.recvs if m.peer not in call.later],  # type: ignore[arg-type]
-                    tags, what, deadline)[1]}
-            batch: list[tuple[int, torch.Tensor]] = []
-            waiting: list[tuple[int, torch.Tensor]] = []  # packed, its receiver's header not yet here
+                for m in exe.recvs:
+                    if m.peer not in call.later:
+                        call.post(m, _pieces(m, out_flat, recv_buf), receive=True)
+            batch: list[tuple[int, torch.Tensor]] = []  # NCCL: every payload in one group
+            waiting: list[tuple[Message, list[torch.Tensor]]] = []  # packed, its receiver's header not yet here
             for m in exe.sends:
-                if m.peer not in call.sent_inline:
-                    message = (m.peer, self._pack(m, x_flat, send_buf, backend))
-                    if not eager or (round is not None and not round.arrived(m.peer)):
-                        (batch if not eager else waiting).append(message)
-                    elif round is None or round.agrees(m.peer):
-                        call.sends += transport.post([message], [], tags, what, deadline)[0]
+                if m.peer in call.sent_inline:
+                    continue
+                if m.table is not None:
+                    self._pack(m, x_flat, send_buf, backend)
+                pieces = _pieces(m, x_flat, send_buf)
+                if not eager:
+                    batch += [(m.peer, piece) for piece in pieces]  # (one: pieces are host-only)
+                elif round is not None and not round.arrived(m.peer):
+                    waiting.append((m, pieces))
+                elif round is None or round.agrees(m.peer):
+                    call.post(m, pieces, receive=False)
             if not eager:
                 if round is not None:
                     call.check()
                 recv_list = [(m.peer, _place(m, out_flat, recv_buf)) for m in exe.recvs]  # type: ignore[arg-type]
                 sent, got = transport.post(batch, recv_list, tags, what, deadline)
-                call.sends, call.recvs = sent, {p.peer: p for p in got}
+                call.sends, call.recvs = sent, {p.peer: [p] for p in got}
             # the local copies run while messages fly (and give late headers time to come)
             if not exe.plan.accumulate and exe.local is not None:
                 backend.apply(exe.local, x_flat, out_flat, False)
-            for message in waiting:  # each as its receiver's header comes
-                if round.agrees(message[0]):  # type: ignore[union-attr]
-                    call.sends += transport.post([message], [], tags, what, deadline)[0]
+            for m, pieces in waiting:  # each as its receiver's header comes
+                if round.agrees(m.peer):  # type: ignore[union-attr]
+                    call.post(m, pieces, receive=False)
         except BaseException:
             call.release(False)
             raise
         return call
 
     @staticmethod
-    def _pack(m: Message, x_flat: torch.Tensor, buf: torch.Tensor | None, backend: Backend,
-              into: torch.Tensor | None = None) -> torch.Tensor:
-        """The message's payload, packed (into ``into``, or its place in the pack buffer) or, for
-        one contiguous block of the input, a view of it (copied into ``into`` if given)."""
-        place = _place(m, x_flat, buf)  # type: ignore[arg-type]
-        if into is None:
-            into = place
-        if m.table is not None:
-            backend.apply(m.table, x_flat, into, False)
-        elif into is not place:
-            into.copy_(place)
-        return into
+    def _pack(m: Message, x_flat: torch.Tensor, buf: torch.Tensor | None, backend: Backend) -> None:
+        """Pack a buffered message into its place in the pack buffer."""
+        backend.apply(m.table, x_flat, _place(m, x_flat, buf), False)  # type: ignore[arg-type]
 
 
 # -- the registry the custom ops read -----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Counting the calls of a function while the code under test runs (patched in place, restored)."""
+"""Patching hpcomm while the code under test runs (restored after): counting a function's calls,
+and sending every host message of more than one segment in pieces."""
 
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -20,3 +21,18 @@ def counted(owner: Any, name: str, keep: Callable[..., bool] = lambda *a, **k: T
         yield calls
     finally:
         setattr(owner, name, original)
+
+
+@contextmanager
+def in_pieces(on: bool = True) -> Iterator[None]:
+    """With ``on``, every host message of more than one segment travels in pieces, and every one
+    block of a tensor on its own (as only big ones do otherwise), so small tensors take that path."""
+    from hpcomm import comm, engine
+    saved = comm.IN_PLACE_MIN
+    comm.IN_PLACE_MIN = 1 if on else saved
+    engine.EXECS._items.clear()  # prepared before: their messages are split the other way
+    try:
+        yield
+    finally:
+        comm.IN_PLACE_MIN = saved
+        engine.EXECS._items.clear()

@@ -12,6 +12,8 @@ from hpcomm import Layout, Transform
 from hpcomm import comm
 from hpcomm.comm import HEADER_BYTES, HEADER_TAG
 
+from counting import in_pieces
+
 LENS = [37, 5, 60, 22, 11]
 N = sum(LENS)
 H = 8
@@ -60,7 +62,12 @@ def _local(layout, x, rank):
     return x[:0]
 
 
-def forward_backward(rank, world_size, name):
+def forward_backward(rank, world_size, name, pieces):
+    with in_pieces(pieces):
+        return _forward_backward(rank, world_size, name)
+
+
+def _forward_backward(rank, world_size, name):
     src, dst = case(name, world_size)
     x_global, gy_global = global_tensors()
     t = Transform(src, dst)
@@ -78,8 +85,9 @@ def forward_backward(rank, world_size, name):
 @pytest.mark.parametrize("name,world_size", [
     ("dp_to_cp_tp", 4), ("zigzag_to_contiguous", 2), ("rows_to_hidden", 4),
     ("noncolocated_dp_to_cp", 4), ("noncolocated_replicated", 2), ("grid_to_dp", 8)])
-def test_forward_backward(world, name, world_size):
-    for rank, (ok_fwd, ok_bwd, in_graph) in enumerate(world(world_size).run(forward_backward, name)):
+@pytest.mark.parametrize("pieces", [False, True])
+def test_forward_backward(world, name, world_size, pieces):
+    for rank, (ok_fwd, ok_bwd, in_graph) in enumerate(world(world_size).run(forward_backward, name, pieces)):
         assert ok_fwd, f"rank {rank}: forward differs from slicing the global tensor"
         assert ok_bwd, f"rank {rank}: gradient differs from the sum over destination holders"
         assert in_graph, f"rank {rank}: output is not in the autograd graph"

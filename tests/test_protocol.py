@@ -62,10 +62,10 @@ def test_a_repeated_call_is_one_message_per_peer(world):
 
 
 def in_place_blocks(rank, world_size):
-    """Big payloads that are one block of their tensor: forward, CP contiguous -> DP, each message
-    is one block of the source (sent from it) landing as two runs; backward the other way round
-    (received into the gradient in place). Each travels on its own after its header, and no
-    receive ahead is grown for it."""
+    """Big payloads on the host travel as one piece per segment, sent from the input and received
+    into the output: CP contiguous -> DP, each message is two 256 KiB chunks (one block of the
+    source, two runs of the destination; backward the other way round). Each piece travels on its
+    own after its header, and no receive ahead is grown for them."""
     lens = [256] * 8  # 4 KiB rows: each pair's message is two 64-row chunks, 512 KiB
     src, dst = Layout.cp(range(world_size), lens, "contiguous"), Layout.dp(range(world_size), lens)
     group = dist.new_group(list(range(world_size)))
@@ -90,10 +90,10 @@ def in_place_blocks(rank, world_size):
     return ok, per_call, rooms
 
 
-def test_big_blocks_go_on_their_own_in_place(world):
+def test_big_payloads_go_in_pieces_in_place(world):
     for rank, (ok, per_call, rooms) in enumerate(world(4).run(in_place_blocks)):
         assert all(ok), (rank, ok)
-        assert per_call == [(3, 3)] * 3, (rank, per_call)  # a header to each peer, then each block
+        assert per_call == [(3, 6)] * 3, (rank, per_call)  # a header to each peer, then the pieces
         assert rooms == [comm.DEFAULT_ROOM] * 3, (rank, rooms)
 
 

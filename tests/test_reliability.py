@@ -15,6 +15,7 @@ from hpcomm import Layout, Transform, backends
 from hpcomm.comm import TransformError
 from hpcomm.tools.launch import RemoteError, World
 from hpcomm.plan import Plan
+from counting import in_pieces
 from strategies import dest_layouts, source_layouts
 
 LENS = [17, 30, 8, 25]
@@ -119,21 +120,28 @@ def test_bitwise_deterministic_across_runs_and_backends(backend, monkeypatch):
         assert all(torch.equal(out[r], reference[r]) for r in reference)
 
 
-def fuzz_case(rank, world_size, src, dst, seed):
+def fuzz_case(rank, world_size, src, dst, seed, pieces):
     x = torch.randn(src.num_rows, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     t = Transform(src, dst, timeout=30)
     local = src.shard(x, rank) if rank in src.ranks else x[:0]
     if rank not in t.ranks:
         return True
-    y = t(local.clone().requires_grad_(rank in src.ranks))
-    y.sum().backward()
-    return torch.equal(y.detach(), dst.shard(x, rank) if rank in dst.ranks else x[:0])
+    with in_pieces(pieces):  # (messages in pieces: each sent from the input, received into the output)
+        xr = local.clone().requires_grad_(rank in src.ranks)
+        y = t(xr)
+        y.sum().backward()
+    ok = torch.equal(y.detach(), dst.shard(x, rank) if rank in dst.ranks else x[:0])
+    if rank in src.ranks:  # the gradient as a simulated world (whole messages) computes it
+        ones = {r: torch.ones(dst.local_num_rows(r) if r in dst.ranks else 0, 3, dtype=torch.float64)
+                for r in t.ranks}
+        ok = ok and torch.equal(xr.grad, t.simulate_backward(ones)[rank])
+    return ok
 
 
 @settings(max_examples=12)
 @given(st.integers(0, 30).flatmap(lambda n: st.tuples(source_layouts(n, 4, 3), dest_layouts(n, 4, 3))),
-       st.integers(0, 2**31))
-def test_fuzz_sample_in_a_real_world(pair, seed):
+       st.integers(0, 2**31), st.booleans())
+def test_fuzz_sample_in_a_real_world(pair, seed, pieces):
     from conftest import _worlds
     world = _worlds.setdefault(4, World(4))
-    assert all(world.run(fuzz_case, *pair, seed))
+    assert all(world.run(fuzz_case, *pair, seed, pieces))
