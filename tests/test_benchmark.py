@@ -24,7 +24,7 @@ def test_cli_tiny_rows_to_hidden(capsys, tmp_path, world):
     head = next(line for line in lines if line.lstrip().startswith("size(B)")).split()
     for column in ("size(B)", "count", "time(us)", "algbw", "busbw", "f", "a2a(us)", "hp/a2a",
                    "ag(us)", "hp/ag", "dt(us)", "hp/dt", "copy(us)", "hp/copy", "wire(us)", "hp/wire",
-                   "p2p(us)", "hp/p2p", "p2p/wire", "verified"):
+                   "p2p(us)", "hp/p2p", "unc(us)", "hp/unc", "p2p/wire", "verified"):
         assert column in head, f"missing column {column} in {head}"
     rows = rows_of(text, "8192")
     assert [r[3] for r in rows] == ["fwd", "fwd+bwd"], text
@@ -35,7 +35,7 @@ def test_cli_tiny_rows_to_hidden(capsys, tmp_path, world):
     results = json.loads(out_json.read_text())
     for r in results:
         assert r["verified"] == {"hpcomm": True, "a2a": True, "allgather": True, "dtensor": True}
-        assert set(r["time_us"]) == {"hpcomm", "a2a", "allgather", "dtensor", "wire", "wire_p2p"}
+        assert set(r["time_us"]) == {"hpcomm", "a2a", "allgather", "dtensor", "wire", "wire_p2p", "unchecked"}
         assert 0 < r["busbw_factor"] <= 1 and r["p2p_over_wire"] > 0
 
 

@@ -35,8 +35,9 @@ References (not transforms, not verified):
   what hpcomm spends beyond moving its bytes;
 - wire_p2p: the same per-peer messages as one ``batch_isend_irecv`` (receives and sends posted
   together, then every one waited): what the point-to-point transport hpcomm uses alone costs;
-  p2p/wire compares the two transports on the plan's exact bytes. (What hpcomm's per-call headers
-  cost, against the same engine without them: bench/header_cost.py.)
+  p2p/wire compares the two transports on the plan's exact bytes;
+- unchecked: hpcomm's own engine with its per-call headers replaced by nothing (every payload sent
+  at once, nothing checked; not a mode hpcomm offers): hp/unc is what the safety protocol costs.
 Baselines keep every buffer preallocated across iterations (the best a careful user does); index
 lists are built once, untimed, as hpcomm's plan is.
 
@@ -66,6 +67,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hpcomm import validate
 from hpcomm.tools.launch import World
 from hpcomm.layout import Layout
 from hpcomm.transform import Transform
@@ -73,12 +75,13 @@ from hpcomm.transform import Transform
 if TYPE_CHECKING:
     from torch.distributed.tensor import Placement
 
-METHODS = ("hpcomm", "a2a", "allgather", "dtensor", "copy", "wire", "wire_p2p")
+METHODS = ("hpcomm", "a2a", "allgather", "dtensor", "copy", "wire", "wire_p2p", "unchecked")
 BASELINES = ("a2a", "allgather", "dtensor", "copy")  # compute the transform; verified against hpcomm
-REFERENCES = ("wire", "wire_p2p")  # move bytes only; timed, never verified
+REFERENCES = ("wire", "wire_p2p", "unchecked")  # timed, never verified
+WIRE = REFERENCES[:2]  # the transports alone
 COMPARED = METHODS[1:]  # every method shown beside hpcomm
 LABEL = {"a2a": "a2a", "allgather": "ag", "dtensor": "dt", "copy": "copy", "wire": "wire",
-         "wire_p2p": "p2p"}
+         "wire_p2p": "p2p", "unchecked": "unc"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 GRID_KEYS = {"dp", "cp", "tp", "cp_mode", "tp_mode", "dp_assign"}
@@ -122,21 +125,22 @@ TARGETS = (  # (name, src, dst, baseline, target ratio hpcomm / baseline) at --r
 NO_WIRE_CASE = "DP=4 -> DP=2 x TP=2 SP, equal lengths (nothing off-rank)"
 SWEEP_MIN_ROWS = 64  # 64 KiB at the presets' 1 KiB rows
 PRESETS = {
-    "targets": tuple(Case(name, src, dst, (base, *REFERENCES), sweep=name == TARGETS[0][0])
+    "targets": tuple(Case(name, src, dst, (base, *REFERENCES) if name == TARGETS[0][0] else (base, *WIRE),
+                          sweep=name == TARGETS[0][0])
                      for name, src, dst, base, _ in TARGETS) + (
         Case(NO_WIRE_CASE, "dp=4", "dp=2,tp=2", ("copy",), equal_lens=True),
     ),
     "megatron": (
         Case("encoder DP=4 -> LLM DP=2 x TP=2 replicated", "dp=4", "dp=2,tp=2,tp_mode=replicate",
-             ("a2a", *REFERENCES)),
-        Case("encoder DP=4 -> LLM DP=2 x TP=2 SP", "dp=4", "dp=2,tp=2", ("a2a", *REFERENCES)),
-        Case("fan-in DP=4 -> DP=2, non-colocated", "dp=4", "dp=2", ("a2a", *REFERENCES),
+             ("a2a", *WIRE)),
+        Case("encoder DP=4 -> LLM DP=2 x TP=2 SP", "dp=4", "dp=2,tp=2", ("a2a", *WIRE)),
+        Case("fan-in DP=4 -> DP=2, non-colocated", "dp=4", "dp=2", ("a2a", *WIRE),
              placement="noncolocated"),
         Case("fan-in DP=4 -> TP=2 replicated, non-colocated", "dp=4", "tp=2,tp_mode=replicate",
-             ("a2a", *REFERENCES), placement="noncolocated"),
-        Case("fan-out DP=2 -> DP=2 x TP=2 SP, non-colocated", "dp=2", "dp=2,tp=2", ("a2a", *REFERENCES),
+             ("a2a", *WIRE), placement="noncolocated"),
+        Case("fan-out DP=2 -> DP=2 x TP=2 SP, non-colocated", "dp=2", "dp=2,tp=2", ("a2a", *WIRE),
              placement="noncolocated"),
-        Case("CP zigzag -> CP contiguous", *CP, ("a2a", *REFERENCES)),
+        Case("CP zigzag -> CP contiguous", *CP, ("a2a", *WIRE)),
     ),
 }
 PRESET_TARGETS = tuple(Target(name, name, base, ratio, largest_only=True)
@@ -144,6 +148,8 @@ PRESET_TARGETS = tuple(Target(name, name, base, ratio, largest_only=True)
     Target("(a) CP sweep, every size >= 4 MiB", TARGETS[0][0], "wire", 1.2, min_size=4 * MiB),
     Target("(b) CP sweep, every size", TARGETS[0][0], "a2a", 1.0),
     Target("(c) colocated, nothing off-rank", NO_WIRE_CASE, "copy", 1.2),
+    # the CP sweep's messages are an eighth of the tensor each
+    Target("(d) safety protocol, messages >= 1 MiB", TARGETS[0][0], "unchecked", 1.05, min_size=8 * MiB),
 )
 
 
@@ -445,6 +451,58 @@ class WireP2P:
                     work.wait()
 
 
+class _NoRound:
+    """Stands in for a call's header round (validate.Round): nothing is sent or checked, every
+    payload travels on its own and is sent at once."""
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def send_room(self, peer: int) -> int:
+        return -1
+
+    recv_room = send_room
+
+    def agrees(self, peer: int) -> bool:
+        return True
+
+    arrived = verdict = agrees
+
+    def carried(self, peer: int) -> bool:
+        return False
+
+    def send(self, *args: object) -> None:
+        pass
+
+    def problems(self, pairs: object) -> list[str]:
+        return []
+
+    def settle(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
+class Unchecked:
+    """A second Transform of the same layouts whose calls run with the header round replaced by
+    ``_NoRound`` (patched for the call only)."""
+
+    def __init__(self, t: Transform, x: torch.Tensor, gy: torch.Tensor, grad: bool, backward: bool) -> None:
+        self.t, self.x, self.gy, self.grad, self.backward = t, x, gy, grad, backward
+
+    def run(self) -> None:
+        saved, validate.Round = validate.Round, _NoRound  # type: ignore[misc, assignment]
+        try:
+            if self.backward:
+                torch.autograd.backward(self.t(self.x.detach().requires_grad_(self.grad)), self.gy)
+            else:
+                with torch.no_grad():
+                    self.t(self.x)
+        finally:
+            validate.Round = saved  # type: ignore[misc]
+
+
 class Copy:
     """A transform whose plan moves nothing off-rank, by hand: ``copy_`` of the one contiguous run
     of local rows this rank keeps, else ``index_select`` of them, into a preallocated output."""
@@ -637,6 +695,9 @@ def prepare(rank: int, world_size: int, cfg: dict[str, Any]) -> Prepared:
         runners["wire"] = Wire(t, rank, world_size, x, hidden, backward).run
     if "wire_p2p" in cfg["methods"]:
         runners["wire_p2p"] = WireP2P(t, rank, world_size, x, hidden, backward).run
+    if "unchecked" in cfg["methods"]:
+        runners["unchecked"] = Unchecked(Transform(src, dst, backend=cfg.get("backend", "auto")), x, gy,
+                                         rank in src.ranks, backward).run
 
     # verify once: hpcomm against slicing the global tensor, each baseline against hpcomm
     with torch.no_grad():
