@@ -22,7 +22,8 @@ the payloads posted together.
 
 Zero-copy: a message that is one contiguous block of the source is sent as a view of it, and one
 that lands as one contiguous block of the destination (when nothing accumulates) is received
-straight into it; only the other messages go through pooled pack / receive buffers.
+straight into it; on host transports a big message travels in pieces, each one run of both
+tensors (``Message.parts``); only the other messages go through pooled pack / receive buffers.
 """
 
 from __future__ import annotations

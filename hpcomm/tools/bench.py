@@ -1022,7 +1022,7 @@ def target_report(results: list[dict[str, Any]]) -> list[str]:
             verdict = "no size of this run applies, or the baseline did not run: n/a"
         else:
             verdict = f"worst {worst[0]:.2f}x at {worst[1]} B: {'PASS' if worst[0] <= tg.ratio else 'MISS'}"
-        lines.append(f"TARGET {tg.name}: hpcomm <= {tg.ratio:.1f}x {tg.baseline}{where}: {verdict}")
+        lines.append(f"TARGET {tg.name}: hpcomm <= {tg.ratio:g}x {tg.baseline}{where}: {verdict}")
     return lines
 
 
