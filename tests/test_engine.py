@@ -15,6 +15,7 @@ from hpcomm.comm import PAYLOAD_TAG
 from hpcomm.engine import Engine
 from hpcomm.plan import Plan
 from hpcomm.segments import TorchBackend, register_backend
+from counting import in_pieces
 from strategies import shard_all
 
 LENS = [9, 14, 3, 20]
@@ -29,13 +30,17 @@ def _local(layout, x, rank):
     return layout.shard(x, rank) if rank in layout.ranks else x[:0]
 
 
-def test_simulate_into_preallocated_outputs():
+@pytest.mark.parametrize("pieces", [False, True])
+def test_simulate_into_preallocated_outputs(pieces):
     src, dst = Layout.cp(range(3), LENS), Layout.dp(range(3), LENS, "balanced")
     t, x = Transform(src, dst), x_global()
     ys = {r: torch.full((dst.local_num_rows(r), 6), float("nan")) for r in t.ranks}
-    out = t.simulate(shard_all(t, src, x), out=ys)
+    with in_pieces(pieces):  # (a simulated world's messages in pieces match by their tags)
+        out = t.simulate(shard_all(t, src, x), out=ys)
+        grads = t.simulate_backward({r: torch.ones(dst.local_num_rows(r), 6) for r in t.ranks})
     for r in t.ranks:
         assert out[r] is ys[r] and torch.equal(ys[r], dst.shard(x, r))
+        assert torch.equal(grads[r], torch.ones(src.local_num_rows(r), 6))
 
 
 def test_wire_dtype_rounds_only_what_crosses():
