@@ -50,7 +50,8 @@ class Transform:
       agree. Off by default (HPCOMM_VALIDATE=1 turns it on): the per-peer header every call
       exchanges already turns disagreements between peers into errors.
     timeout: seconds one call may wait for its peers in all (default: the process group's).
-    zero_copy: send contiguous messages as views and receive in place (on by default).
+    zero_copy: send contiguous messages (and, on gloo, the pieces of big ones) from the input and
+      receive them into the output in place (on by default).
     """
 
     def __init__(self, src: Layout, dst: Layout, group: dist.ProcessGroup | None = None,
