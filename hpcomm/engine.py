@@ -608,9 +608,10 @@ class Engine:
             transport.rank = rank
         # The header protocol (validate.Round): each peer gets one header message, carrying the
         # payload when the receive the peer posted for it has room (a repeated call's payloads
-        # do). A payload on its own is sent only once its receiver's header agrees, so it is
-        # exactly the size the receive expects; on the host that receive is posted at once when
-        # the payload cannot ride in the header, else once the header says it did not. Sends go
+        # do). A payload on its own (too big for the room, or a big block of its tensor, or in
+        # pieces: Message.own) is sent only once its receiver's header agrees, so it is exactly
+        # the size the receive expects; on the host that receive is posted at once when the
+        # payload cannot ride in the header, else once the header says it did not. Sends go
         # out one by one, each packed while the previous one is on the wire. NCCL needs a rank's
         # sends and receives in one group, so there the headers are checked first.
         try:
