@@ -14,6 +14,8 @@ import torch.distributed as dist
 from hpcomm import Layout, Transform
 from hpcomm.tools.launch import World
 
+from counting import in_pieces
+
 LENS = [17, 30, 8, 25]
 N = sum(LENS)
 TIMEOUT = 4.0
@@ -29,7 +31,12 @@ def attempt(fn):
     return time.monotonic() - start, "no error"
 
 
-def misuse(rank, world_size, case):
+def misuse(rank, world_size, case, pieces):
+    with in_pieces(pieces):  # (every message of more than one run in pieces, as big ones travel)
+        return _misuse(rank, world_size, case)
+
+
+def _misuse(rank, world_size, case):
     group = dist.new_group(list(range(world_size)))
     ranks = list(range(world_size))
     lens = list(LENS)
@@ -74,8 +81,9 @@ def misuse(rank, world_size, case):
     ("meta", ["meta"]),
     ("peer_fails", ["rank 2 did not take part"]),
 ])
-def test_every_rank_raises_naming_the_difference(world, case, named):
-    results = world(4).run(misuse, case, timeout=120)
+@pytest.mark.parametrize("pieces", [False, True])
+def test_every_rank_raises_naming_the_difference(world, case, named, pieces):
+    results = world(4).run(misuse, case, pieces, timeout=120)
     for rank, (elapsed, message) in enumerate(results):
         assert message != "no error", f"rank {rank} returned numbers: {case}"
         assert "Received data size" not in message, message
@@ -134,8 +142,13 @@ def test_a_refused_call_leaves_the_group_usable(world):
         assert refused.startswith("ValueError") and ok, refused
 
 
-def compiled_loop_with_a_skipped_backward(rank, world_size):
+def compiled_loop_with_a_skipped_backward(rank, world_size, pieces):
     """A compiled step with a new layout every step; at step 2 rank 1 skips its backward."""
+    with in_pieces(pieces):
+        return _compiled_loop_with_a_skipped_backward(rank, world_size)
+
+
+def _compiled_loop_with_a_skipped_backward(rank, world_size):
     proj = torch.nn.Linear(4, 4)
     step = torch.compile(lambda x, t: proj(t(x * 2)).square().sum(), fullgraph=True, backend="aot_eager")
     for i in range(3):
@@ -150,7 +163,9 @@ def compiled_loop_with_a_skipped_backward(rank, world_size):
         loss.backward()
 
 
-def test_compiled_loop_with_a_skipped_backward(world):
-    for rank, (elapsed, message) in enumerate(world(2).run(compiled_loop_with_a_skipped_backward, timeout=300)):
+@pytest.mark.parametrize("pieces", [False, True])
+def test_compiled_loop_with_a_skipped_backward(world, pieces):
+    for rank, (elapsed, message) in enumerate(world(2).run(compiled_loop_with_a_skipped_backward, pieces,
+                                                           timeout=300)):
         assert message.startswith("ValueError") and "skipped a backward" in message, (rank, message)
         assert elapsed < TIMEOUT + SLACK, (rank, elapsed)
