@@ -144,7 +144,7 @@ class P2P:
              tag: Tags, what: str, deadline: Deadline) -> tuple[list[Pending], list[Pending]]:
         """Post every message of the batch at once; NCCL needs them in one group (two ranks that
         send to each other before receiving would otherwise deadlock), gloo starts each at once."""
-        tag_of = (lambda p: tag) if isinstance(tag, int) else tag.__getitem__
+        tag_of = _tag_of(tag)
         if not sends and not recvs:
             return [], []
         on_device = (list(sends) + list(recvs))[0][1].is_cuda
@@ -281,9 +281,14 @@ MAX_PIECES = 1024  # pieces of one message (each has a tag of its own: piece_tag
 
 
 def piece_tag(tag: int, i: int) -> int:
-    """The tag of piece ``i`` of a payload tagged ``tag`` (piece 0 keeps it): above every payload
-    tag, distinct per piece, and below 2^31."""
+    """The tag of piece ``i`` of a payload tagged ``tag``: piece 0 keeps it, the others are above
+    every payload tag (PAYLOAD_TAG + 2^20 < 2^21), distinct, and below 2^31 (i < MAX_PIECES)."""
     return tag + (i << 21)
+
+
+def _tag_of(tag: Tags) -> Callable[[int], int]:
+    """Each peer's tag: one for all, or one per peer."""
+    return (lambda p: tag) if isinstance(tag, int) else tag.__getitem__
 
 
 class Simulated:
@@ -306,7 +311,7 @@ class Simulated:
 
     def post(self, sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[int, torch.Tensor]],
              tag: Tags, what: str, deadline: Deadline) -> tuple[list[Pending], list[Pending]]:
-        tag_of = (lambda p: tag) if isinstance(tag, int) else tag.__getitem__
+        tag_of = _tag_of(tag)
         for peer, t in sends:
             self._sends[(self.rank, peer, tag_of(peer))] = t
         self._recvs += [(peer, self.rank, tag_of(peer), t) for peer, t in recvs]
