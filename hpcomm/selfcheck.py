@@ -16,6 +16,11 @@ It builds nothing: it uses the kernels that are already built, and says which ar
 - transform: a one-rank process group (gloo on CPU, NCCL on a GPU), ``Transform`` forward and
   backward against indexing the global tensor; on a GPU the steady-state calls run under the sync
   debug mode, so a hidden device->host sync is an error.
+- wire: the device path's per-call code end to end on one rank: a one-rank group whose transform
+  sends its rows to itself through the transport (``loopback``: one ``batch_isend_irecv`` group
+  per call, which NCCL allows), forward and backward, with ``out=`` and ``out_rows=``, against
+  indexing; on a GPU calls 2-3 run under ``torch.cuda.set_sync_debug_mode("error")``; on CPU the
+  same code runs on NCCL's emulation over gloo (HPCOMM_EMULATE_NCCL=1 for this check).
 - simulate: a four-rank transform in one process (``Transform.simulate``) against slicing.
 - graph (GPU): the transform captured in a CUDA graph and replayed on new data.
 - compile: the transform under ``torch.compile`` (fullgraph), forward and gradient as eager.
@@ -47,7 +52,7 @@ import torch
 
 from hpcomm import segments
 
-CHECKS = ("kernels", "bandwidth", "transform", "simulate", "graph", "compile", "nccl")
+CHECKS = ("kernels", "bandwidth", "transform", "wire", "simulate", "graph", "compile", "nccl")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int16,
           torch.int32, torch.int64, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)
 NO_ADD_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -353,6 +358,62 @@ def check_transform(device: torch.device) -> Row:
                f"cp zigzag -> contiguous, fwd+bwd = indexing ({', '.join(results)}){how}")
 
 
+def check_wire(device: torch.device) -> Row:
+    """The device path through the wire on one rank (see the module docstring)."""
+    import torch.distributed as dist
+
+    from hpcomm import Layout, Transform
+
+    saved = os.environ.get("HPCOMM_EMULATE_NCCL")
+    if device.type == "cpu":
+        from hpcomm import emulate_nccl
+
+        os.environ["HPCOMM_EMULATE_NCCL"] = "1"
+        emulate_nccl.install()
+    groups: list[int] = []
+    try:
+        n = sum(SEQ_LENS)
+        src, dst = Layout.cp([0], list(SEQ_LENS), "zigzag"), Layout.contiguous([0], n)
+        t = Transform(src, dst, grad="sum", loopback=True)
+        x_global = torch.randn(n, HIDDEN, generator=torch.Generator().manual_seed(3)).to(device)
+        x0, expected = src.shard(x_global, 0), dst.shard(x_global, 0)
+        gy, expected_grad = expected * 2, x0 * 2
+        out, big, rows = torch.empty_like(expected), torch.zeros(n + 4, HIDDEN, device=device), \
+            torch.arange(n, device=device) + 2
+        for call in range(3):  # the first call plans and prepares; the others must not sync
+            x = x0.clone().requires_grad_(True)
+            with _sync_debug(device, enabled=call > 0):
+                posting = dist.batch_isend_irecv
+                dist.batch_isend_irecv = _counting(posting, groups)
+                try:
+                    y = t(x)
+                    y.backward(gy)
+                    t(x0, out=out)
+                    t(x0, out=big, out_rows=rows)
+                finally:
+                    dist.batch_isend_irecv = posting
+            if not (torch.equal(y.detach(), expected) and x.grad is not None and torch.equal(x.grad, expected_grad)
+                    and torch.equal(out, expected) and torch.equal(big[2:2 + n], expected)):
+                return Row("wire", device.type, "FAIL", f"call {call} differs from indexing")
+    finally:
+        if saved is None:
+            os.environ.pop("HPCOMM_EMULATE_NCCL", None)
+        else:
+            os.environ["HPCOMM_EMULATE_NCCL"] = saved
+    if len(groups) != 3 * 4:
+        return Row("wire", device.type, "FAIL", f"{len(groups)} grouped posts for 3 x 4 calls")
+    how = "calls 2-3 under sync debug mode 'error'" if device.type == "cuda" else "NCCL emulated on gloo"
+    return Row("wire", device.type, "PASS", f"1-rank loopback through batch_isend_irecv, fwd+bwd, out=, "
+               f"out_rows= = indexing; {how}")
+
+
+def _counting(post: Callable[..., Any], groups: list[int]) -> Callable[..., Any]:
+    def counted(ops: Any) -> Any:
+        groups.append(len(ops))
+        return post(ops)
+    return counted
+
+
 class _sync_debug:
     def __init__(self, device: torch.device, enabled: bool) -> None:
         self.on = enabled and device.type == "cuda"
@@ -524,9 +585,10 @@ def run(args: argparse.Namespace) -> Iterator[Row]:
     if not gpus:
         yield from (Row(c, "*/cuda", "SKIPPED", "no CUDA device") for c in ("kernels", "bandwidth") if c in args.checks)
     for device in devices:
-        needs_group = set(args.checks) & {"transform", "graph", "compile"}
+        needs_group = set(args.checks) & {"transform", "wire", "graph", "compile"}
         with OneRankGroup(device) if needs_group else contextlib.nullcontext():
             for check, fn in (("transform", lambda: check_transform(device)),
+                              ("wire", lambda: check_wire(device)),
                               ("simulate", lambda: check_simulate(device)),
                               ("graph", lambda: check_graph(device)),
                               ("compile", lambda: check_compile(device, args.quick))):

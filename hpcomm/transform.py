@@ -6,17 +6,19 @@ from __future__ import annotations
 import math
 import os
 import sys
+import weakref
 from typing import Any, Callable, Literal, Mapping, Sequence, overload
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpcomm import engine, ops, validate
+from hpcomm import engine, ops, protocol
 from hpcomm.engine import GRAD_MODES
 from hpcomm.layout import Layout
 from hpcomm.plan import get_plan
 from hpcomm.segments import backend_names
-from hpcomm.validate import failure
+from hpcomm.protocol import REASONS, failure
 
 
 class Transform:
@@ -49,15 +51,22 @@ class Transform:
       error if any disagrees; under "replicated" backward also checks that replicas' gradients
       agree. Off by default (HPCOMM_VALIDATE=1 turns it on): the per-peer header every call
       exchanges already turns disagreements between peers into errors.
-    timeout: seconds one call may wait for its peers in all (default: the process group's).
-    zero_copy: send contiguous messages (and, on gloo, the pieces of big ones) from the input and
-      receive them into the output in place (on by default).
+    timeout: seconds one call may wait for its peers in all, on the host (headers, and gloo's
+      payloads; NCCL's payloads are bounded by the process group's timeout and its watchdog).
+      Default: the environment variable HPCOMM_TIMEOUT if set, else the process group's timeout.
+    zero_copy: send a message that is one block of the input from the input itself, and receive one
+      that is one block of the output straight into it (on by default).
+    name: how errors and ``repr`` name this transform (e.g. "vision->llm"); optional.
+    loopback: send this rank's own rows through the transport as a message to itself instead of
+      copying them locally (exercises the device path on one rank, which NCCL allows and gloo does
+      not: the one-GPU self-check uses it).
     """
 
     def __init__(self, src: Layout, dst: Layout, group: dist.ProcessGroup | None = None,
                  backend: str = "auto", grad: str | None = "replicated",
                  wire_dtype: torch.dtype | None = None, validate: bool | None = None,
-                 timeout: float | None = None, zero_copy: bool = True) -> None:
+                 timeout: float | None = None, zero_copy: bool = True, name: str | None = None,
+                 loopback: bool = False) -> None:
         if grad not in GRAD_MODES:
             raise ValueError(f"unknown grad mode {grad!r}; expected one of {', '.join(map(repr, GRAD_MODES))}")
         if backend != "auto" and backend not in backend_names():
@@ -66,13 +75,20 @@ class Transform:
             raise TypeError(f"wire_dtype must be a torch.dtype, got {wire_dtype!r}")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
         plan = get_plan(src, dst)
         gplan = engine.grad_plan(src, dst, grad)
         validate = os.environ.get("HPCOMM_VALIDATE") == "1" if validate is None else validate
-        options = (grad, str(wire_dtype), zero_copy)  # what changes what crosses the wire, or how
+        options = (grad, str(wire_dtype), zero_copy, loopback)  # what changes what crosses the wire, or how
+        fingerprint = engine.fingerprint(src, dst, options)
+        if name is not None:
+            protocol.name_transform(fingerprint, name)
         self.spec = engine.Spec(
             src, dst, plan, gplan, grad, group, backend, wire_dtype, timeout, zero_copy, validate,
-            engine.fingerprint(src, dst, options), tuple(dict.fromkeys(src.ranks + dst.ranks)))
+            fingerprint, tuple(dict.fromkeys(src.ranks + dst.ranks)), name, loopback)
+        # out_rows made ready once per caller's object (no host read of device memory per call)
+        self._rows: dict[Any, tuple[Callable[[], Any], engine.OutRows]] = {}
         self._engine = engine.Engine(self.spec)
         self._handle = torch.tensor([engine.register(self._engine)], dtype=torch.int64)
         # the registry holds engines weakly; an autograd graph holds this tensor, so a graph whose
@@ -89,8 +105,16 @@ class Transform:
     grad = property(lambda self: self.spec.grad)
     ranks = property(lambda self: self.spec.ranks)
 
+    @property
+    def fingerprint(self) -> str:
+        """The transform's fingerprint as errors show it: equal on every rank for equal layouts
+        and options."""
+        return f"{self.spec.fingerprint:016x}"
+
     def __repr__(self) -> str:
-        return f"Transform({self.src!r} -> {self.dst!r}, grad={self.grad!r})"
+        name = f"{self.spec.name!r}, " if self.spec.name else ""
+        return (f"Transform({name}{_short(self.src)} -> {_short(self.dst)}, grad={self.grad!r}, "
+                f"fingerprint={self.fingerprint})")
 
     def _size_carrier(self, rank: int) -> torch.Tensor:
         plan = self.spec.plan.rank_plan(rank)
@@ -133,14 +157,20 @@ class Transform:
                               self._out_like)  # type: ignore[arg-type]  # built with the process group
             if out is None:
                 return y
-            rows = torch.as_tensor(out_rows, device=out.device) if out_rows is not None else None
-            return out.copy_(y) if rows is None else out.index_copy_(0, rows, y)
+            if out_rows is None:
+                return out.copy_(y)
+            return out.index_copy_(0, torch.as_tensor(out_rows, device=out.device), y)
         rank = self._rank()
+        rows: engine.OutRows | None = None
         error = None if out is None else self._out_error(x, rank, out, out_rows)
         if error is None and out is None and out_rows is not None:
-            error = ValueError(f"rank {rank}: out_rows needs out (the tensor the rows index)")
+            error = ValueError(f"rank {rank}: {self.spec.label}: out_rows needs out (the tensor the rows index)")
+        if error is None and out_rows is not None and isinstance(x, torch.Tensor) and x.dim() > 0:
+            num_rows = self._engine.output_shape(x, rank, False)[0]
+            ready = self._out_rows(rank, out_rows, out, num_rows)  # type: ignore[arg-type]
+            rows, error = (ready, None) if isinstance(ready, engine.OutRows) else (None, ready)
         if error is not None:
-            error = failure(error, validate.REASONS.index("a bad out= or out_rows="))
+            error = failure(error, REASONS.index("a bad out= or out_rows="))
         else:
             # checked here, not only in the engine: a meta tensor never reaches the op's real
             # kernel (its fake one runs), so this rank would neither raise nor tell its peers
@@ -148,19 +178,19 @@ class Transform:
         if error is not None:
             self._engine.start(x, rank, False, error=error)  # tells the peers, then raises
         if out is None and not async_op:
-            if self.spec.identity:  # every rank returns its input, uncopied
+            if self.spec.identity and not self.spec.loopback:  # every rank returns its input, uncopied
                 return _Alias.apply(x.detach() if self.spec.grad is None else x, anchor, self)
             with torch.set_grad_enabled(not frozen):
                 return ops.transform(x, anchor, self._handle, self._sizes(rank))
-        rows = None if out_rows is None else torch.as_tensor(out_rows, device=out.device)  # type: ignore[union-attr]
         call = self._engine.start(x, rank, False, out, rows)
+        index = None if rows is None else rows.index
 
         def wait() -> torch.Tensor:
             if frozen:
                 with torch.no_grad():
                     call.finish()
-                return _Into.apply(x.detach(), anchor, call.out, None, rows, lambda: call.out)
-            return _Into.apply(x, anchor, call.out, self, rows, call.finish)
+                return _Into.apply(x.detach(), anchor, call.out, None, index, lambda: call.out)
+            return _Into.apply(x, anchor, call.out, self, index, call.finish)
 
         return _Pending(wait) if async_op else wait()
 
@@ -213,44 +243,65 @@ class Transform:
                                "torch.distributed, or use simulate()")
         rank = dist.get_rank()
         if rank not in self.ranks:
-            raise ValueError(f"rank {rank} is neither in src nor in dst of this transform")
+            raise ValueError(f"rank {rank} is neither in src nor in dst of {self.spec.label} ({self!r})")
         self._engine.check_world(rank)  # before the op: its first call in a process takes seconds
         return rank
 
     def _out_error(self, x: torch.Tensor, rank: int, out: Any,
                    out_rows: torch.Tensor | Sequence[int] | None) -> Exception | None:
         if not isinstance(out, torch.Tensor):
-            return TypeError(f"rank {rank}: out must be a torch.Tensor, got {type(out).__name__}")
+            return TypeError(f"rank {rank}: {self.spec.label}: out must be a torch.Tensor, got {type(out).__name__}")
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             return None  # the input check names that
         shape = self._engine.output_shape(x, rank, False)
         if out.dtype != x.dtype or out.device != x.device:
-            return ValueError(f"rank {rank}: out is {out.dtype} on {out.device}, input is {x.dtype} "
+            return ValueError(f"rank {rank}: {self.spec.label}: out is {out.dtype} on {out.device}, input is {x.dtype} "
                               f"on {x.device}")
         if not out.is_contiguous():
-            return ValueError(f"rank {rank}: out must be contiguous")
+            return ValueError(f"rank {rank}: {self.spec.label}: out must be contiguous")
         if out.numel() and x.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-            return ValueError(f"rank {rank}: out shares memory with the input; pass a separate tensor")
+            return ValueError(f"rank {rank}: {self.spec.label}: out shares memory with the input; pass a "
+                              f"separate tensor")
         if out_rows is None:
             if tuple(out.shape) != shape:
-                return ValueError(f"rank {rank}: out has shape {tuple(out.shape)}, the destination "
+                return ValueError(f"rank {rank}: {self.spec.label}: out has shape {tuple(out.shape)}, the destination "
                                   f"shard is {shape}")
             return None
         if out.dim() == 0 or tuple(out.shape[1:]) != shape[1:]:
-            return ValueError(f"rank {rank}: out has trailing shape {tuple(out.shape[1:])}, the "
+            return ValueError(f"rank {rank}: {self.spec.label}: out has trailing shape {tuple(out.shape[1:])}, the "
                               f"destination shard's is {shape[1:]}")
+        return None
+
+    def _out_rows(self, rank: int, out_rows: torch.Tensor | Sequence[int], out: torch.Tensor,
+                  num_rows: int) -> engine.OutRows | Exception:
+        """``out_rows`` checked and made ready (runs, and an index on out's device) once per caller's
+        object: a tensor is known by its identity and version (a CUDA one is read on the host only
+        then), a sequence by its value. Keep passing the same rows tensor to make no host reads."""
+        key: Any = (id(out_rows), getattr(out_rows, "_version", 0)) if isinstance(out_rows, torch.Tensor) \
+            else tuple(out_rows)
+        key = (key, out.device, out.shape[0], num_rows)
+        hit = self._rows.get(key)
+        if hit is not None and (not isinstance(out_rows, torch.Tensor) or hit[0]() is out_rows):
+            return hit[1]
         rows = torch.as_tensor(out_rows)
         if rows.dim() != 1 or rows.dtype.is_floating_point or rows.dtype == torch.bool:
-            return TypeError(f"rank {rank}: out_rows must be a 1-D integer tensor or sequence")
-        if rows.numel() != shape[0]:
-            return ValueError(f"rank {rank}: out_rows has {rows.numel()} entries, the destination "
-                              f"shard has {shape[0]} rows")
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out.shape[0]):
-            bad = rows[(rows < 0) | (rows >= out.shape[0])][0]
-            return ValueError(f"rank {rank}: out_rows entry {int(bad)} is out of range [0, {out.shape[0]})")
-        if rows.unique().numel() != rows.numel():
-            return ValueError(f"rank {rank}: out_rows has a repeated row")
-        return None
+            return TypeError(f"rank {rank}: {self.spec.label}: out_rows must be a 1-D integer tensor or sequence")
+        values = rows.cpu().numpy()
+        if len(values) != num_rows:
+            return ValueError(f"rank {rank}: {self.spec.label}: out_rows has {len(values)} entries, the destination "
+                              f"shard has {num_rows} rows")
+        bad = values[(values < 0) | (values >= out.shape[0])]
+        if len(bad):
+            return ValueError(f"rank {rank}: {self.spec.label}: out_rows entry {int(bad[0])} is out of range "
+                              f"[0, {out.shape[0]})")
+        if len(np.unique(values)) != len(values):
+            return ValueError(f"rank {rank}: {self.spec.label}: out_rows has a repeated row")
+        ready = engine.OutRows.of(values, out.device)
+        if len(self._rows) >= 64:  # bounded: rows built anew every step are not kept
+            self._rows.pop(next(iter(self._rows)))
+        ref = weakref.ref(out_rows) if isinstance(out_rows, torch.Tensor) else (lambda: None)
+        self._rows[key] = (ref, ready)
+        return ready
 
     def _simulate(self, tensors: Mapping[int, torch.Tensor], backward: bool,
                   out: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
@@ -285,6 +336,14 @@ class Transform:
             if x.shape[1:keep] != ref.shape[1:keep]:
                 raise ValueError(f"rank {r} passes trailing shape {tuple(x.shape[1:])}, rank {first} "
                                  f"passes {tuple(ref.shape[1:])}")
+
+
+def _short(layout: Layout) -> str:
+    """A layout in a few words: its kind, ranks and rows."""
+    ranks = list(layout.ranks)
+    span = f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 2 and ranks == list(range(ranks[0], ranks[-1] + 1)) \
+        else ",".join(map(str, ranks))
+    return f"{type(layout.kind).__name__.lower()}[{span}]x{layout.num_rows}"
 
 
 class _Pending:

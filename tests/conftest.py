@@ -12,6 +12,16 @@ settings.load_profile("ci")
 def pytest_addoption(parser):
     parser.addoption("--fuzz-examples", type=int, default=None,
                      help="hypothesis examples per property test (long fuzzing runs)")
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow") or "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow or -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_configure(config):
@@ -21,16 +31,25 @@ def pytest_configure(config):
         settings.load_profile("fuzz")
 
 
-_worlds: dict[int, World] = {}
+# Every distributed test runs on both transports: gloo's host path, and the device path (what an
+# NCCL group takes) with NCCL's semantics emulated on gloo (hpcomm.emulate_nccl).
+TRANSPORTS = {"gloo": {}, "nccl-emulated": {"HPCOMM_EMULATE_NCCL": "1"}}
+_worlds: dict[tuple[int, str], World] = {}
+
+
+@pytest.fixture(scope="session", params=list(TRANSPORTS))
+def transport(request):
+    return request.param
 
 
 @pytest.fixture(scope="session")
-def world():
-    """world(n) -> a reusable n-process gloo World (spawned once per session and size)."""
+def world(transport):
+    """world(n) -> a reusable n-process gloo World on this transport (spawned once per session,
+    size and transport)."""
     def get(n: int) -> World:
-        if n not in _worlds:
-            _worlds[n] = World(n)
-        return _worlds[n]
+        if (n, transport) not in _worlds:
+            _worlds[(n, transport)] = World(n, env=TRANSPORTS[transport])
+        return _worlds[(n, transport)]
     yield get
     for w in _worlds.values():
         w.__exit__(None, None, None)

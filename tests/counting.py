@@ -1,5 +1,4 @@
-"""Patching hpcomm while the code under test runs (restored after): counting a function's calls,
-and sending every host message of more than one segment in pieces."""
+"""Patching hpcomm while the code under test runs (restored after): counting a function's calls."""
 
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -21,18 +20,3 @@ def counted(owner: Any, name: str, keep: Callable[..., bool] = lambda *a, **k: T
         yield calls
     finally:
         setattr(owner, name, original)
-
-
-@contextmanager
-def in_pieces(on: bool = True) -> Iterator[None]:
-    """With ``on``, every host message of more than one segment travels in pieces, and every one
-    block of a tensor on its own (as only big ones do otherwise), so small tensors take that path."""
-    from hpcomm import comm, engine
-    saved = comm.IN_PLACE_MIN
-    comm.IN_PLACE_MIN = 1 if on else saved
-    engine.EXECS._items.clear()  # prepared before: their messages are split the other way
-    try:
-        yield
-    finally:
-        comm.IN_PLACE_MIN = saved
-        engine.EXECS._items.clear()

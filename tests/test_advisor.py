@@ -171,7 +171,8 @@ def _step_transform_calls(rank, world_size, cfg):
     from hpcomm.trainer.train import train
 
     def crossing(self, x, r, backward, *args, **kwargs):  # on the training thread, not the prefetcher
-        return threading.current_thread() is threading.main_thread() and self.spec.crosses[backward]
+        plan = (self.spec.grad_plan or self.spec.plan) if backward else self.spec.plan
+        return threading.current_thread() is threading.main_thread() and plan.crosses_wire()
 
     with counted(engine.Engine, "start", crossing) as calls:
         train(cfg, rank, world_size, progress=False)

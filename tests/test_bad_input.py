@@ -1,4 +1,4 @@
-"""Every bad input of ARCHITECTURE.md raises ValueError or TypeError naming the rank or value,
+"""Every bad input of docs/DESIGN.md raises ValueError or TypeError naming the rank or value,
 before anything is sent (these run without a process group, so nothing could be sent)."""
 
 import pytest
@@ -57,7 +57,7 @@ T = Transform(CP, CONTIG)
 
 
 def test_wrong_row_count():
-    with pytest.raises(ValueError, match=r"rank 1: input has 5 rows, but the layout gives this rank 6"):
+    with pytest.raises(ValueError, match=r"rank 1: transform [0-9a-f]{16}: input has 5 rows, but the layout gives this rank 6"):
         T.simulate(sim_inputs(T, CP, X, {1: torch.zeros(5, 4)}))
 
 
@@ -74,17 +74,17 @@ def test_wrong_trailing_shape_across_ranks():
 def test_wrong_column_width():
     lay = Layout.replicated([0, 1], 12).with_cols({1: (0, 2)}, 4)
     t = Transform(lay, CONTIG.with_cols(None, 4))
-    with pytest.raises(ValueError, match=r"rank 1: input has last dim 4, but the layout gives this rank 2 columns"):
+    with pytest.raises(ValueError, match=r"rank 1: transform [0-9a-f]{16}: input has last dim 4, but the layout gives this rank 2 columns"):
         t.simulate({0: torch.zeros(12, 4), 1: torch.zeros(12, 4), 2: torch.zeros(0, 4)})
 
 
 def test_non_tensor_input():
-    with pytest.raises(TypeError, match=r"rank 0: input must be a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=r"rank 0: transform [0-9a-f]{16}: input must be a torch.Tensor, got list"):
         T.simulate(sim_inputs(T, CP, X, {0: [[1.0]]}))
 
 
 def test_zero_dim_input():
-    with pytest.raises(ValueError, match=r"rank 0: input is a zero-dim tensor"):
+    with pytest.raises(ValueError, match=r"rank 0: transform [0-9a-f]{16}: input is a zero-dim tensor"):
         T.simulate(sim_inputs(T, CP, X, {0: torch.tensor(1.0)}))
 
 
@@ -96,7 +96,7 @@ def test_simulate_needs_every_rank():
 def test_bad_out_shape():
     ys = {r: torch.zeros(CONTIG.local_num_rows(r) if r in CONTIG.ranks else 0, 4) for r in T.ranks}
     ys[2] = torch.zeros(3, 5)
-    with pytest.raises(ValueError, match=r"rank 2: out has shape \(3, 5\), the destination shard is \(4, 4\)"):
+    with pytest.raises(ValueError, match=r"rank 2: transform [0-9a-f]{16}: out has shape \(3, 5\), the destination shard is \(4, 4\)"):
         T.simulate(sim_inputs(T, CP, X), out=ys)
 
 

@@ -1,242 +1,253 @@
-"""The header protocol in real gloo worlds: a repeated call is one message per peer (its payload
-riding behind its header, into a receive posted ahead); payloads that outgrow the announced room,
-calls in flight together (the sender knows no room yet) and misuse after the rooms have grown all
-still give exact results or a named error on every rank."""
+"""The per-call protocol in real worlds, on both transports: messages only to data peers (at most
+two per data peer and direction), nothing left posted between calls, no host reads of payload
+memory on a repeated call, and the group's timeout ending a stuck device group."""
 
 import time
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from hpcomm import Layout, Transform, comm
-from hpcomm.comm import HEADER_TAG
+from hpcomm import Layout, Transform, TransformError, comm
 
 LENS = [40, 100, 24, 76]
-TIMEOUT = 4.0
-SLACK = 6.0
 
 
-def _global(lens, h=64, dtype=torch.float32, seed=0):
-    return torch.randn(sum(lens), h, generator=torch.Generator().manual_seed(seed)).to(dtype)
+def _global(lens, h=16, seed=0):
+    return torch.randn(sum(lens), h, generator=torch.Generator().manual_seed(seed))
 
 
 def _recording():
-    """Patch P2P.post to count each call's messages: (header messages, payloads on their own)."""
-    counts = {"header": 0, "alone": 0}
-    post = comm.P2P.post
+    """Patch the header channel and the payload transport: each message this rank sends, by peer."""
+    sent = []
+    originals = comm.Channel.post, comm.P2P.post
 
-    def recording(self, sends, recvs, tag, *args):
-        counts["header" if tag == HEADER_TAG else "alone"] += len(sends)
-        return post(self, sends, recvs, tag, *args)
+    def record(post):
+        def recorded(self, sends, recvs, *args):
+            sent.extend(p for p, _ in sends)
+            return post(self, sends, recvs, *args)
+        return recorded
 
-    comm.P2P.post = recording
-    return counts, lambda: setattr(comm.P2P, "post", post)
+    comm.Channel.post, comm.P2P.post = record(originals[0]), record(originals[1])
+
+    def restore():
+        comm.Channel.post, comm.P2P.post = originals
+    return sent, restore
 
 
-def repeated_calls(rank, world_size):
-    src, dst = Layout.cp(range(world_size), LENS, "zigzag"), Layout.cp(range(world_size), LENS, "contiguous")
-    t = Transform(src, dst, group=dist.new_group(list(range(world_size))))
-    x_global = _global(LENS, h=512)  # messages of about 40 KiB: more than a first receive's room
-    x = src.shard(x_global, rank)
-    per_call = []
-    counts, restore = _recording()
+def _data_peers(t, rank, backward):
+    plan = t.spec.rank_plan(rank, backward)
+    return {p for p, _ in plan.sends} | {p for p, _ in plan.recvs}
+
+
+def message_counts(rank, world_size, case):
+    """Forward and backward of one call: the peers each message of this rank went to."""
+    n = 8 * 64
+    if case == "pairwise":  # an encoder on ranks 0-3 in DP, the LLM on 4-7 in DP: one peer each
+        src, dst = Layout.contiguous(range(4), n), Layout.contiguous(range(4, 8), n)
+    else:  # a ring shift over all 8 ranks: rank r's rows go to rank r + 1
+        src = Layout.contiguous(range(8), n)
+        dst = Layout.contiguous([(r + 1) % 8 for r in range(8)], n)
+    t = Transform(src, dst, grad="sum")
+    x_global = _global([n])
+    x = (src.shard(x_global, rank) if rank in src.ranks else x_global[:0]).clone().requires_grad_()
+    t(x).sum().backward()  # a first call: plans and prepares
+    sent, restore = _recording()
     try:
-        for _ in range(4):
-            before = dict(counts)
-            y = t(x)
-            per_call.append((counts["header"] - before["header"], counts["alone"] - before["alone"],
-                             torch.equal(y, dst.shard(x_global, rank))))
-    finally:
-        restore()
-    return per_call
-
-
-def test_a_repeated_call_is_one_message_per_peer(world):
-    for rank, per_call in enumerate(world(4).run(repeated_calls)):
-        assert all(ok for _, _, ok in per_call), rank
-        # the first call's payloads (over 16 KiB) cannot ride in a header: the peer has announced
-        # no room yet; from the second on, every payload rides behind its header
-        assert per_call[0][1] > 0, (rank, per_call)
-        assert [(h, alone) for h, alone, _ in per_call[1:]] == [(3, 0)] * 3, (rank, per_call)
-
-
-def in_place_blocks(rank, world_size):
-    """Big payloads on the host travel as one piece per segment, sent from the input and received
-    into the output: CP contiguous -> DP, each message is two 256 KiB chunks (one block of the
-    source, two runs of the destination; backward the other way round). Each piece travels on its
-    own after its header, and no receive ahead is grown for them."""
-    lens = [256] * 8  # 4 KiB rows: each pair's message is two 64-row chunks, 512 KiB
-    src, dst = Layout.cp(range(world_size), lens, "contiguous"), Layout.dp(range(world_size), lens)
-    group = dist.new_group(list(range(world_size)))
-    t = Transform(src, dst, group=group, grad="sum")
-    x_global = _global(lens, h=1024)
-    per_call, ok = [], []
-    counts, restore = _recording()
-    try:
-        for step in range(3):
-            x = src.shard(x_global, rank).clone().requires_grad_()
-            before = dict(counts)
-            y = t(x)
-            per_call.append((counts["header"] - before["header"], counts["alone"] - before["alone"]))
-            g = torch.full_like(y, float(step + rank))
-            y.backward(g)
-            expect = t.simulate_backward({r: torch.full((dst.local_num_rows(r), 1024), float(step + r))
-                                          for r in dst.ranks})[rank]
-            ok.append(torch.equal(y, dst.shard(x_global, rank)) and torch.equal(x.grad, expect))
-    finally:
-        restore()
-    rooms = [comm.P2P(group, None).link(p).ahead.room for p in range(world_size) if p != rank]
-    return ok, per_call, rooms
-
-
-def test_big_payloads_go_in_pieces_in_place(world):
-    for rank, (ok, per_call, rooms) in enumerate(world(4).run(in_place_blocks)):
-        assert all(ok), (rank, ok)
-        assert per_call == [(3, 6)] * 3, (rank, per_call)  # a header to each peer, then the pieces
-        assert rooms == [comm.DEFAULT_ROOM] * 3, (rank, rooms)
-
-
-def changing_sizes(rank, world_size):
-    """Every step a new transform, its payloads 4x larger or smaller than the last (beyond the
-    announced room's slack, both ways), forward and backward, against the single-process answer."""
-    group = dist.new_group(list(range(world_size)))
-    ok = []
-    for step, scale in enumerate([1, 4, 16, 4, 1, 16, 1]):
-        lens = [n * scale for n in LENS]
-        src, dst = Layout.dp(range(world_size), lens, "balanced"), Layout.cp(range(world_size), lens, "zigzag")
-        t = Transform(src, dst, group=group, grad="sum")
-        x_global = _global(lens, h=16, seed=step)
-        x = src.shard(x_global, rank).clone().requires_grad_()
         y = t(x)
-        y.backward(torch.full_like(y, float(rank + 1)))
-        expect = t.simulate_backward({r: torch.full((dst.local_num_rows(r), 16), float(r + 1))
-                                      for r in dst.ranks})[rank]
-        ok.append(torch.equal(y, dst.shard(x_global, rank)) and torch.equal(x.grad, expect))
-    return ok
+        forward = list(sent)
+        y.sum().backward()
+        backward = sent[len(forward):]
+    finally:
+        restore()
+    ok = torch.equal(y, dst.shard(x_global, rank) if rank in dst.ranks else x_global[:0])
+    return ok, forward, backward, _data_peers(t, rank, False), _data_peers(t, rank, True)
 
 
-def test_payloads_that_grow_and_shrink_every_step(world):
-    for rank, ok in enumerate(world(4).run(changing_sizes)):
-        assert all(ok), (rank, ok)
+@pytest.mark.parametrize("case", ["pairwise", "ring"])
+def test_messages_go_only_to_data_peers(world, case):
+    total = 0
+    for rank, (ok, forward, backward, fwd_peers, bwd_peers) in enumerate(world(8).run(message_counts, case)):
+        assert ok, rank
+        for sent, peers in ((forward, fwd_peers), (backward, bwd_peers)):
+            assert set(sent) <= peers, (rank, sent, peers)  # nobody else hears of the call
+            assert all(sent.count(p) <= 2 for p in peers), (rank, sent)  # a header and a payload
+        assert len(fwd_peers) <= 2 and len(bwd_peers) <= 2, rank
+        total += len(forward) + len(backward)
+    # a header each way and one payload per pair and direction: 4 pairs (pairwise) or 8 (ring)
+    assert total == (24 if case == "pairwise" else 48), total
 
 
-def two_in_flight(rank, world_size):
-    """Two calls posted before either is waited for: the second is sent before the first's headers
-    were read, so its sender knows no room and its payloads go on their own, received late."""
+class SyncCounter(TorchDispatchMode):
+    """Flags what would make the host wait for the device on a GPU: a scalar read
+    (``_local_scalar_dense``, behind ``.item()`` and ``int()``), ops whose output shape depends on
+    the data, copies between tensors (a device-to-host ``.cpu()`` or a host-to-device copy of
+    pageable memory); and, patched on the class, ``tolist`` / ``numpy`` / ``cpu`` / ``item`` and
+    truth tests of a payload (float) tensor, which on CPU bypass the dispatcher."""
+
+    DATA_DEPENDENT = {"nonzero", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim",
+                      "masked_select", "equal", "is_nonzero", "_to_copy", "repeat_interleave"}
+    METHODS = ("tolist", "numpy", "cpu", "item", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, handle):
+        super().__init__()
+        self.handle, self.flagged = handle, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if name == "_local_scalar_dense" and not (first is not None and first.dtype == torch.int64
+                                                    and first.numel() == 1):  # the op's handle
+            self.flagged.append(name)
+        elif name in self.DATA_DEPENDENT:
+            self.flagged.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._saved = {m: getattr(torch.Tensor, m) for m in self.METHODS}
+        for m, original in self._saved.items():
+            setattr(torch.Tensor, m, self._flagging(m, original))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for m, original in self._saved.items():
+            setattr(torch.Tensor, m, original)
+        return super().__exit__(*exc)
+
+    def _flagging(self, m, original):
+        def flagging(t, *args, **kwargs):
+            if t.dtype.is_floating_point:
+                self.flagged.append(f"Tensor.{m}")
+            return original(t, *args, **kwargs)
+        return flagging
+
+
+def host_reads(rank, world_size):
+    """Repeated calls (the same Transform and shapes), forward and backward, plain, ``out=`` and
+    ``out_rows=``: nothing reads payload memory on the host."""
     src, dst = Layout.cp(range(world_size), LENS, "zigzag"), Layout.dp(range(world_size), LENS, "balanced")
-    t = Transform(src, dst, group=dist.new_group(list(range(world_size))))
-    xg = [_global(LENS, h=512, seed=s) for s in range(3)]  # messages over a first receive's 16 KiB
-    for _ in range(2):  # rooms announced and grown
-        t(src.shard(xg[0], rank))
-    first = t(src.shard(xg[1], rank), async_op=True)
-    second = t(src.shard(xg[2], rank), async_op=True)
-    return torch.equal(first.wait(), dst.shard(xg[1], rank)) and torch.equal(second.wait(), dst.shard(xg[2], rank))
+    t = Transform(src, dst, grad="sum")
+    x_global = _global(LENS)
+    x0 = src.shard(x_global, rank)
+    n = dst.local_num_rows(rank)
+    out = torch.empty(n, 16)
+    big = torch.zeros(n + 3, 16)
+    rows = torch.arange(n) + 2  # the same rows tensor every call: made ready once
+
+    def calls():
+        x = x0.clone().requires_grad_()
+        y = t(x)
+        y.backward(torch.ones_like(y))
+        t(x0, out=out)
+        t(x0, out=big, out_rows=rows)
+        return y
+
+    for _ in range(2):
+        calls()
+    counter = SyncCounter(t._handle)
+    with counter:
+        for _ in range(3):
+            y = calls()
+    expected = dst.shard(x_global, rank)
+    ok = torch.equal(y, expected) and torch.equal(out, expected) and torch.equal(big[2:2 + n], expected)
+    return ok, counter.flagged
 
 
-def test_calls_in_flight_together(world):
-    assert world(4).run(two_in_flight) == [True] * 4
+def test_a_repeated_call_reads_no_payload_on_the_host(world, transport):
+    for rank, (ok, flagged) in enumerate(world(4).run(host_reads)):
+        assert ok, rank
+        assert flagged == [], (transport, rank, sorted(set(flagged)))
 
 
-def warm_misuse(rank, world_size, case):
-    """Misuse after good calls, when the peers' receives have room for the good payloads."""
+def user_traffic_after_calls(rank, world_size):
+    """After transform calls, a user's own grouped point-to-point on the same group completes at
+    once: no receive of hpcomm's is left posted on the communicator's stream."""
     group = dist.new_group(list(range(world_size)))
     src, dst = Layout.cp(range(world_size), LENS, "zigzag"), Layout.cp(range(world_size), LENS, "contiguous")
-    t = Transform(src, dst, group=group, timeout=TIMEOUT)
-    x = src.shard(_global(LENS, h=512), rank)  # messages over a first receive's 16 KiB
+    t = Transform(src, dst, group=group)
+    x_global = _global(LENS)
+    ok = []
     for _ in range(3):
-        t(x)
-    if case == "dtype_size" and rank == 0:
-        x = x.double()  # twice the bytes: more than the room announced
-    if case == "dtype_same_size":  # half the bytes (fits the room), one rank's dtype differs
-        x = x.half() if rank == 0 else x.bfloat16()
-    if case == "half_rows" and rank == 0:
-        t = Transform(Layout.cp(range(world_size), [n // 2 for n in LENS], "zigzag"),
-                      Layout.cp(range(world_size), [n // 2 for n in LENS], "contiguous"), group=group,
-                      timeout=TIMEOUT)
-        x = t.src.shard(_global([n // 2 for n in LENS], h=512), rank)  # fits the room: rides in the header
+        ok.append(torch.equal(t(src.shard(x_global, rank)), dst.shard(x_global, rank)))
+        mine, theirs = torch.full((4,), float(rank)), torch.empty(4)
+        right, left = (rank + 1) % world_size, (rank - 1) % world_size
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, mine, right, group),
+                                        dist.P2POp(dist.irecv, theirs, left, group)])
+        for w in works:
+            w.wait()
+        ok.append(bool((theirs == left).all()))
+    return all(ok)
+
+
+def test_nothing_stays_posted_between_calls(world):
+    assert world(4).run(user_traffic_after_calls) == [True] * 4
+
+
+def stuck_group(rank, world_size):
+    """Rank 1 leaves a receive from rank 2 (which never sends) on the group's stream before the
+    call: on NCCL that blocks every later group of the communicator, the call's too. The headers
+    agree (they are on the host channel), so the call's group is posted, and only the process
+    group's timeout (its watchdog) ends it: the transform's own timeout does not."""
+    group = dist.new_group([0, 1, 2], timeout=timedelta(seconds=3))
+    if rank == 3:
+        return 0.0, "not in the group"
+    from hpcomm import emulate_nccl
+    emulate_nccl.install()  # (hpcomm installs it at its first call on the device path: this comes first)
+    if rank == 1:
+        dist.batch_isend_irecv([dist.P2POp(dist.irecv, torch.empty(4), 2, group)])
+    src, dst = Layout.contiguous([0, 1], 64), Layout.contiguous([1, 0], 64)
+    t = Transform(src, dst, group=group, timeout=60)
     start = time.monotonic()
     try:
-        t(x)
-    except Exception as e:  # noqa: BLE001  (the test reports whatever each rank raised)
-        return time.monotonic() - start, f"{type(e).__name__}: {e}"
-    return time.monotonic() - start, "no error"
+        if rank in (0, 1):
+            t(src.shard(_global([64]), rank))
+        return time.monotonic() - start, "no error"
+    except TransformError as e:
+        return time.monotonic() - start, str(e)
 
 
-@pytest.mark.parametrize("case,named", [
-    ("dtype_size", ["torch.float64", "torch.float32"]),
-    ("dtype_same_size", ["torch.bfloat16", "torch.float16"]),
-    ("half_rows", ["different layouts"]),
-])
-def test_misuse_after_the_rooms_have_grown(world, case, named):
-    for rank, (elapsed, message) in enumerate(world(4).run(warm_misuse, case, timeout=120)):
-        assert message.startswith("ValueError") and any(w in message for w in named), (rank, message)
-        assert elapsed < TIMEOUT + SLACK, (rank, elapsed)
+def test_the_group_timeout_ends_a_stuck_device_group(world, transport):
+    if transport != "nccl-emulated":
+        pytest.skip("the device path's group: gloo's host path waits with the call's own timeout")
+    results = world(4).run(stuck_group, timeout=120)
+    for rank in (0, 1):
+        elapsed, message = results[rank]
+        assert elapsed < 3 + 6, (rank, elapsed)
+        # the peer's group timed out (its watchdog), or gloo closed the pair when it did
+        assert "payloads with rank" in message and ("process group's timeout (3 s" in message
+                                                    or "closed its connection" in message), (rank, message)
 
 
-def grouped_path(rank, world_size, case):
-    """The NCCL way (headers on their own and checked first, then every payload in one group),
-    forced on gloo by a group that says it moves no host tensors."""
-    host_ok = comm.P2P.host_ok
-    comm.P2P.host_ok = lambda self: False
+def store_channel(rank, world_size):
+    """The headers of an NCCL-only group go through the process group's store: forced here on a
+    gloo group, calls are exact and a rank that passes another dtype is named by its peers."""
+    saved = comm.host_channel
+    comm.host_channel = comm.StoreChannel
     try:
-        group = dist.new_group(list(range(world_size)))
+        group = dist.new_group(list(range(world_size)))  # a new group: a channel of its own
         src, dst = Layout.cp(range(world_size), LENS, "zigzag"), Layout.dp(range(world_size), LENS, "balanced")
-        t = Transform(src, dst, group=group, grad="sum", timeout=TIMEOUT)
-        x_global = _global(LENS, h=512)
-        if case == "dtype_size":
-            x = src.shard(x_global, rank).to(torch.float64 if rank == 0 else torch.float32)
-            try:
-                t(x)
-            except ValueError as e:
-                return str(e)
-            return "no error"
-        ok = []
+        t = Transform(src, dst, group=group, grad="sum", timeout=10)
+        ok = isinstance(comm._channel_of(group), comm.StoreChannel)
+        x_global = _global(LENS)
         for _ in range(3):
             x = src.shard(x_global, rank).clone().requires_grad_()
             y = t(x)
             y.backward(torch.ones_like(y))
-            ok.append(torch.equal(y, dst.shard(x_global, rank)) and torch.equal(x.grad, torch.ones_like(x)))
-        return all(ok)
-    finally:
-        comm.P2P.host_ok = host_ok
-
-
-def test_the_grouped_path_on_gloo(world):
-    assert world(4).run(grouped_path, "good") == [True] * 4
-    for message in world(4).run(grouped_path, "dtype_size"):
-        assert "torch.float64" in message and "torch.float32" in message, message
-
-
-def refused_then_reused(rank, world_size, blocks):
-    """After a refused call with payloads in flight (riding in headers, and on their own), the
-    group's next calls are exact: nothing a refused call left posted is matched later. ``blocks``:
-    big payloads sent from the input and received into the output in place."""
-    group = dist.new_group(list(range(world_size)))
-    lens, h = ([1024], 1024) if blocks else (LENS, 512)  # blocks: one sequence, 512 KiB chunks
-    src, dst = Layout.cp(range(world_size), lens, "zigzag"), Layout.cp(range(world_size), lens, "contiguous")
-    t = Transform(src, dst, group=group, timeout=TIMEOUT)
-    xg = [_global(lens, h=h, seed=s) for s in range(3)]
-    for _ in range(2):
-        t(src.shard(xg[0], rank))
-    refused = []
-    for bad in (torch.float64, torch.float16):  # on its own (too big for the room), then riding
+            ok &= torch.equal(y, dst.shard(x_global, rank)) and torch.equal(x.grad, torch.ones_like(x))
         try:
-            t(src.shard(xg[1], rank).to(bad if rank == 0 else torch.float32))
-            refused.append(False)
-        except ValueError:
-            refused.append(True)
-    t2 = Transform(src, dst, group=group, timeout=TIMEOUT)  # a new transform on the same pairs
-    counts, restore = _recording()
-    try:
-        good = [torch.equal(tt(src.shard(xg[2], rank)), dst.shard(xg[2], rank)) for tt in (t, t2, t)]
+            t(src.shard(x_global, rank).to(torch.float64 if rank == 0 else torch.float32))
+            error = "no error"
+        except ValueError as e:
+            error = str(e)
+        return ok, error, _data_peers(t, 0, False)
     finally:
-        restore()
-    return refused, good, counts["alone"] > 0
+        comm.host_channel = saved
 
 
-@pytest.mark.parametrize("blocks", [False, True])
-def test_refused_calls_leave_the_pairs_usable(world, blocks):
-    for rank, (refused, good, alone) in enumerate(world(4).run(refused_then_reused, blocks, timeout=120)):
-        assert refused == [True, True] and good == [True] * 3, (rank, refused, good)
-        assert alone == blocks, rank  # (a repeated call's payloads ride in their headers otherwise)
+def test_headers_through_the_store(world):
+    for rank, (ok, error, peers_of_0) in enumerate(world(4).run(store_channel)):
+        assert ok, rank
+        if rank == 0 or rank in peers_of_0:
+            assert "torch.float64" in error and "torch.float32" in error, (rank, error)
