@@ -17,7 +17,7 @@ def rows_of(text: str, size: str) -> list[list[str]]:
 def test_cli_tiny_rows_to_hidden(capsys, tmp_path, world):
     out_json = tmp_path / "bench.json"
     code = benchmark.main(["--src", "rows=2", "--dst", "tp=2,tp_mode=hidden", "--nproc", "2", *TINY,
-                           "--backward", "--json", str(out_json)], worlds=world)
+                           "--backward", "--wide", "--json", str(out_json)], worlds=world)
     text = capsys.readouterr().out
     assert code == 0, text
     lines = text.splitlines()

@@ -6,7 +6,7 @@
     hpcomm-advise --calibrate --output this-machine.json        # measure this machine (4 ranks)
     hpcomm-advise --cluster this-machine.json --model reference --batch 16 --reference-data
 
-Prints a Markdown table, best first: placement (homogeneous: the encoder inherits the LLM's
+Prints the model, cluster and batch it reasons about, then a Markdown table, best first: placement (homogeneous: the encoder inherits the LLM's
 layout; colocated; non-colocated with the encoder on the first ranks), degrees, micro-batches,
 predicted step time, tokens/s, TFLOPS per GPU, memory per rank and the busiest rank's boundary
 bytes per micro-batch, then the best configuration's gain over the best homogeneous one.
@@ -76,32 +76,82 @@ def build_data(args: argparse.Namespace) -> DataSpec:
                                       max(1, int(text - spread)), int(text + spread) if spread else 0)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpcomm-advise", description=__doc__.split("\n")[0])
-    p.add_argument("--cluster", default="h100", help=f"preset ({', '.join(PRESETS)}) or a JSON file")
-    p.add_argument("--gpus", type=int, help="GPU count (default: the cluster's)")
-    p.add_argument("--model", default="vit-8b", choices=[*MODELS, "reference"])
+    p.add_argument("--cluster", default="h100", help=f"a preset ({', '.join(PRESETS)}) or a JSON "
+                   "file written by --calibrate (default: %(default)s)")
+    p.add_argument("--gpus", type=int, help="GPU count (default: the cluster's own, 8 in a preset)")
+    p.add_argument("--model", default="vit-8b", choices=[*MODELS, "reference"],
+                   help="vit-8b: a SigLIP-so400m-style ViT and a Llama-3-8B-style LLM; reference: "
+                   "hpcomm-train's model (default: %(default)s)")
+    names = {"layers": "transformer blocks", "hidden": "hidden width", "heads": "attention heads",
+             "ffn": "MLP width"}
     for module in ("encoder", "llm"):
-        for field in ("layers", "hidden", "heads", "ffn"):
-            p.add_argument(f"--{module}-{field}", type=int)
-    p.add_argument("--llm-kv-heads", type=int)
-    p.add_argument("--vocab", type=int)
-    p.add_argument("--frozen-encoder", action="store_true")
+        for field, what in names.items():
+            p.add_argument(f"--{module}-{field}", type=int,
+                           help=f"the {module.replace('llm', 'LLM')}'s {what} (default: the model's)")
+    p.add_argument("--llm-kv-heads", type=int,
+                   help="the LLM's key/value heads, fewer than its heads for GQA (default: the model's)")
+    p.add_argument("--vocab", type=int, help="the LLM's vocabulary size (default: the model's)")
+    p.add_argument("--frozen-encoder", action="store_true",
+                   help="train the LLM only: no encoder gradients or optimizer state (default: the "
+                   "encoder trains)")
     p.add_argument("--batch", type=int, default=0, help="samples per step (default: GPUs / 2)")
-    p.add_argument("--context", type=int, default=8192, help="tokens per sample")
-    p.add_argument("--images-per-sample", type=int, default=2)
-    p.add_argument("--tokens-per-image", type=int, default=1024)
+    p.add_argument("--context", type=int, default=8192,
+                   help="tokens per sample, image tokens included (default: %(default)s)")
+    p.add_argument("--images-per-sample", type=int, default=2,
+                   help="images in each sample (default: %(default)s)")
+    p.add_argument("--tokens-per-image", type=int, default=1024,
+                   help="tokens of each image: its encoder rows, and as many LLM rows "
+                   "(default: %(default)s)")
     p.add_argument("--text-spread", type=float, default=0.0,
-                   help="text lengths uniform within +-this fraction of the mean")
-    p.add_argument("--manifest", help="JSONL {image, text} to measure instead")
-    p.add_argument("--patch", type=int, default=14)
-    p.add_argument("--reference-data", action="store_true", help="the reference trainer's batch")
-    p.add_argument("--top", type=int, default=10)
-    p.add_argument("--json", action="store_true", help="print the ranking as JSON")
-    p.add_argument("--calibrate", action="store_true", help="measure this machine, write --output")
-    p.add_argument("--ranks", type=int, default=4, help="processes for --calibrate")
-    p.add_argument("--output", default="cluster.json")
-    return p.parse_args(argv)
+                   help="text lengths uniform within +-this fraction of the mean (default: "
+                   "%(default)s, every sample as long as --context)")
+    p.add_argument("--manifest", help="a JSONL file of {image, text} lines to measure the batch "
+                   "from instead of --context and the image options (default: none)")
+    p.add_argument("--patch", type=int, default=14,
+                   help="patch side in pixels, for --manifest images (default: %(default)s)")
+    p.add_argument("--reference-data", action="store_true",
+                   help="the batch hpcomm-train reads at its first step, --batch samples "
+                   "(default: off)")
+    p.add_argument("--top", type=int, default=10,
+                   help="configurations to show (default: %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help="print the model, cluster and ranking as JSON instead (default: off)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine with --ranks processes and write the cluster to "
+                   "--output (default: off)")
+    p.add_argument("--ranks", type=int, default=4,
+                   help="processes for --calibrate (default: %(default)s)")
+    p.add_argument("--output", default="cluster.json",
+                   help="where --calibrate writes the cluster (default: %(default)s)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
+
+
+def _count(n: float) -> str:
+    """433_000_000 -> "433 M"."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:g}"
+
+
+def describe_module(m: ModuleSpec) -> str:
+    heads = f"{m.heads} heads" + (f" ({m.kv_heads} KV)" if m.kv_heads not in (0, m.heads) else "")
+    return (f"{m.layers} layers, hidden {m.hidden}, {heads}, MLP {m.ffn}{' gated' if m.gated else ''}"
+            + (f", vocab {m.vocab:,}" if m.vocab else "") + f"; {_count(m.params())} parameters"
+            + (", frozen" if m.frozen else ""))
+
+
+def describe_cluster(c: ClusterSpec) -> str:
+    return (f"cluster {c.name}: {c.gpus} GPUs, {c.gpus_per_node} per node; each "
+            f"{c.flops / 1e12:.3g} TFLOP/s peak at {c.efficiency:.0%} efficiency, "
+            f"{c.memory / 1e9:.3g} GB\n  links {c.intra_bw / 1e9:.3g} GB/s in a node, "
+            f"{c.inter_bw / 1e9:.3g} GB/s between nodes")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,12 +178,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ranking = rank(model, data, cluster, top=args.top)
     seconds = time.perf_counter() - start
     if args.json:
-        print(json.dumps({"predictions": [asdict(p) for p in ranking.predictions],
+        print(json.dumps({"model": asdict(model), "cluster": asdict(cluster),
+                          "predictions": [asdict(p) for p in ranking.predictions],
                           "best_homogeneous": asdict(ranking.best_homogeneous) if ranking.best_homogeneous else None,
                           "gain_percent": ranking.gain(), "search_seconds": seconds}, indent=1))
         return 0
-    print(f"{cluster.name}: {cluster.gpus} GPUs; {len(data.samples)} samples x "
-          f"{data.tokens / len(data.samples):,.0f} tokens per step")
+    print(f"model {args.model}: encoder {describe_module(model.encoder)}")
+    print(f"  LLM {describe_module(model.llm)}")
+    print(describe_cluster(cluster))
+    print(f"batch: {len(data.samples)} samples x {data.tokens / len(data.samples):,.0f} tokens "
+          "per step")
     print(table(ranking))
     print(f"search: {seconds:.2f} s")
     return 0

@@ -3,7 +3,9 @@
     hpcomm-bench --src "cp=4,cp_mode=zigzag" --dst "cp=4,cp_mode=contiguous"   # 4 local gloo ranks
     hpcomm-bench --src "dp=4,dp_assign=balanced" --dst "cp=2,tp=2" --sweep --backward --plot bw.png
     hpcomm-bench --src "dp=2" --dst "cp=2" --placement noncolocated --json out.json
-    hpcomm-bench --preset targets                     # the issue's CPU targets, PASS/MISS per target
+    hpcomm-bench --json | jq .                        # the rows as one JSON document on stdout
+    hpcomm-bench --wide                               # every column: each method's time and ratio
+    hpcomm-bench --preset targets                     # hpcomm's CPU performance targets, PASS/MISS
     hpcomm-bench --preset megatron                    # Megatron-style cases: which transport wins
     torchrun --nproc-per-node 8 -m hpcomm.tools.bench --src "dp=8" --dst "cp=4,tp=2"  # NCCL on GPUs
 
@@ -43,11 +45,13 @@ lists are built once, untimed, as hpcomm's plan is.
 
 Timing: ``--warmup`` rounds, then ``--iters`` rounds; in each round every method runs once (or
 ``--burst`` times back to back, timed together) after a barrier (interleaved, so drift hits all
-alike), and an iteration's time is the max over ranks; the table shows the median. On a shared machine the spread is wide: compare ratios from
-one run, not times across runs. nccl-tests units: size is the bytes of the logical global
-tensor, algbw = size / time, busbw = algbw * f with f = (most bytes any rank sends or receives
-off-rank, from the plan) / size, stated per row. ``hp/X`` = hpcomm time / X time (< 1: hpcomm
-faster).
+alike), and an iteration's time is the max over ranks; the table shows the median. On a shared
+machine the spread is wide: compare ratios from one run, not times across runs. nccl-tests units:
+size is the bytes of the logical global tensor, algbw = size / time, busbw = algbw * f with f =
+(most bytes any rank sends or receives off-rank, from the plan) / size, stated per row. ``hp/X`` =
+hpcomm time / X time (< 1: hpcomm faster). The table shows hpcomm's time and its ratio to each
+requested method, within 120 columns; ``--wide`` adds each method's own time, the element count,
+the rows, f and p2p/wire.
 """
 
 from __future__ import annotations
@@ -58,16 +62,17 @@ import json
 import os
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TextIO
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpcomm import validate
+from hpcomm import protocol
 from hpcomm.tools.launch import World
 from hpcomm.layout import Layout
 from hpcomm.transform import Transform
@@ -451,49 +456,33 @@ class WireP2P:
                     work.wait()
 
 
-class _NoRound:
-    """Stands in for a call's header round (validate.Round): nothing is sent or checked, every
-    payload travels on its own and is sent at once."""
+class _NoHeaders(protocol.Exchange):
+    """Stands in for a call's protocol (protocol.Exchange): no header is sent or checked, and every
+    pair's payloads are posted as if its headers agreed."""
 
-    def __init__(self, *args: object) -> None:
-        pass
+    def __init__(self, transport: Any, rank: int, *args: Any, **kwargs: Any) -> None:
+        self.rank, self._transport, self._what = rank, transport, "unchecked"
+        self.peers: list[int] = []
+        self._verdicts: dict[int, str | None] = {}
+        self._lost = False
 
-    def send_room(self, peer: int) -> int:
-        return -1
+    def verdict(self, peer: int) -> str | None:
+        return None
 
-    recv_room = send_room
-
-    def agrees(self, peer: int) -> bool:
-        return True
-
-    arrived = verdict = agrees
-
-    def carried(self, peer: int) -> bool:
-        return False
-
-    def send(self, *args: object) -> None:
-        pass
-
-    def problems(self, pairs: object) -> list[str]:
-        return []
-
-    def settle(self) -> bool:
-        return True
-
-    def release(self) -> None:
+    def sent(self) -> None:
         pass
 
 
 class Unchecked:
-    """A second Transform of the same layouts whose calls run with the header round replaced by
-    ``_NoRound`` (patched for the call only); forward into a preallocated output, as hpcomm's."""
+    """A second Transform of the same layouts whose calls run with the protocol replaced by
+    ``_NoHeaders`` (patched for the call only); forward into a preallocated output, as hpcomm's."""
 
     def __init__(self, t: Transform, x: torch.Tensor, gy: torch.Tensor, grad: bool, backward: bool) -> None:
         self.t, self.x, self.gy, self.grad, self.backward = t, x, gy, grad, backward
         self.out = torch.empty_like(gy)
 
     def run(self) -> None:
-        saved, validate.Round = validate.Round, _NoRound  # type: ignore[misc, assignment]
+        saved, protocol.Exchange = protocol.Exchange, _NoHeaders  # type: ignore[misc]
         try:
             if self.backward:
                 torch.autograd.backward(self.t(self.x.detach().requires_grad_(self.grad)), self.gy)
@@ -501,7 +490,7 @@ class Unchecked:
                 with torch.no_grad():
                     self.t(self.x, out=self.out)
         finally:
-            validate.Round = saved  # type: ignore[misc]
+            protocol.Exchange = saved  # type: ignore[misc]
 
 
 class Copy:
@@ -762,6 +751,16 @@ def run_case(rank: int, world_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
 # reporting
 
 
+def size_text(size: int) -> str:
+    """8388608 -> "8 MiB"."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.4g} {unit}"
+        value /= 1024
+    return f"{value:.4g} GiB"
+
+
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Add algbw, busbw, f, the ratios hpcomm time / method time and the point-to-point transport's
     time over the collective's."""
@@ -776,79 +775,105 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _method_columns(m: str) -> tuple[tuple[str, int], tuple[str, int]]:
-    return (f"{LABEL[m]}(us)", 10), (f"hp/{LABEL[m]}", 7)
+WIDTH = 120  # of every line of the default table and its legend
 
 
-COLUMNS = (("size(B)", 12), ("count", 10), ("rows", 8), ("pass", 7), ("time(us)", 10),
-           ("algbw", 7), ("busbw", 7), ("f", 5)) + tuple(
-    c for m in COMPARED for c in _method_columns(m)) + (("p2p/wire", 8), ("verified", 9))
+def columns(methods: Sequence[str], wide: bool) -> list[tuple[str, int]]:
+    """(name, width) of the table's columns. By default: the size, hpcomm's time and bandwidths,
+    and its ratio to each method of ``methods`` compared with it (at most 113 characters); wide:
+    every column, for every method."""
+    if wide:
+        return [("size(B)", 12), ("count", 10), ("rows", 8), ("pass", 7), ("time(us)", 10),
+                ("algbw", 7), ("busbw", 7), ("f", 5),
+                *((name, width) for m in COMPARED
+                  for name, width in ((f"{LABEL[m]}(us)", 10), (f"hp/{LABEL[m]}", 7))),
+                ("p2p/wire", 8), ("verified", 9)]
+    return [("size(B)", 12), ("pass", 7), ("time(us)", 10), ("algbw", 7), ("busbw", 7),
+            *((f"hp/{LABEL[m]}", 7) for m in COMPARED if m in methods), ("verified", 9)]
 
 
-def header() -> str:
-    return " ".join(name.rjust(width) for name, width in COLUMNS)
+def header(cols: Sequence[tuple[str, int]]) -> str:
+    return " ".join(name.rjust(width) for name, width in cols)
 
 
-def format_row(r: dict[str, Any]) -> str:
+def format_row(r: dict[str, Any], cols: Sequence[tuple[str, int]]) -> str:
     t = r["time_us"]
     hp = t.get("hpcomm")
-    cells = [r["size"], r["count"], r["rows"], r["pass"],
-             f"{hp:.1f}" if hp else "FAIL", f"{r['algbw_GBps'].get('hpcomm', 0):.2f}",
-             f"{r['busbw_GBps'].get('hpcomm', 0):.2f}", f"{r['busbw_factor']:.2f}"]
+    cells = {"size(B)": str(r["size"]), "count": str(r["count"]), "rows": str(r["rows"]),
+             "pass": r["pass"], "time(us)": f"{hp:.1f}" if hp else "FAIL",
+             "algbw": f"{r['algbw_GBps'].get('hpcomm', 0):.2f}",
+             "busbw": f"{r['busbw_GBps'].get('hpcomm', 0):.2f}", "f": f"{r['busbw_factor']:.2f}",
+             "p2p/wire": f"{r['p2p_over_wire']:.2f}x" if "p2p_over_wire" in r else "-"}
     for m in COMPARED:
         if m in r["na"]:
-            cells += ["n/a", "n/a"]
+            us = ratio = "n/a"
         elif not r["verified"].get(m, m in REFERENCES):
-            cells += ["WRONG", "-"]
+            us, ratio = "WRONG", "-"
         else:
-            cells += [f"{t[m]:.1f}", f"{r['ratio'][m]:.2f}x" if m in r["ratio"] else "-"]
-    cells.append(f"{r['p2p_over_wire']:.2f}x" if "p2p_over_wire" in r else "-")
+            us, ratio = f"{t[m]:.1f}", f"{r['ratio'][m]:.2f}x" if m in r["ratio"] else "-"
+        cells[f"{LABEL[m]}(us)"], cells[f"hp/{LABEL[m]}"] = us, ratio
     bad = [m for m, ok in r["verified"].items() if not ok]
-    cells.append("FAIL:" + "/".join(bad) if bad else "ok")
-    return " ".join(str(c).rjust(w) for c, (_, w) in zip(cells, COLUMNS))
+    cells["verified"] = "FAIL:" + "/".join(bad) if bad else "ok"
+    return " ".join(cells[name].rjust(width) for name, width in cols)
 
 
-def legend(cfg: dict[str, Any], world_size: int, backend: str) -> list[str]:
+def legend(cfg: dict[str, Any], world_size: int, backend: str, wide: bool) -> list[str]:
     lens = cfg["seq_lens"]
     shown = ",".join(map(str, lens[:8])) + (",..." if len(lens) > 8 else "")
-    return [
-        f"# src {cfg['src_text']!r} -> dst {cfg['dst_text']!r}, {cfg['placement']}, {world_size} "
+    methods = [m for m in COMPARED if wide or m in cfg["methods"]]
+    items = [
+        f"src {cfg['src_text']!r} -> dst {cfg['dst_text']!r}, {cfg['placement']}, {world_size} "
         f"ranks ({backend}), {cfg['dtype']} [rows, {cfg['hidden']}], {len(lens)} seqs ({shown})",
-        f"# median of {cfg['iters']} iterations after {cfg['warmup']} warmup, barrier before each, "
-        f"max over ranks; size = bytes of the global tensor; algbw = size / time (GB/s);",
-        "# busbw = algbw * f, f = most bytes one rank sends or receives off-rank / size; "
-        "hp/X = hpcomm time / X time; "
-        "p2p/wire = wire_p2p time / wire time",
+        f"median of {cfg['iters']} iterations after {cfg['warmup']} warmup, barrier before each, "
+        "max over ranks",
+        "size = bytes of the global tensor; time(us) = hpcomm's; algbw = size / time (GB/s); "
+        "busbw = algbw * f, f = most bytes one rank sends or receives off-rank / size",
+        "hp/X = hpcomm time / X time (< 1: hpcomm faster)"
+        + ("; X(us) = X's time; p2p/wire = wire_p2p time / wire time" if wide else "")
+        + ("; X: " + ", ".join(f"{LABEL[m]} = {m}" if LABEL[m] != m else m for m in methods)
+           if methods else ""),
     ]
+    return [line for item in items
+            for line in textwrap.wrap(item, WIDTH, initial_indent="# ", subsequent_indent="#   ")]
 
 
 def plot(results: list[dict[str, Any]], path: str) -> None:
-    """algbw vs size, one panel per case, one line per method (dashed: forward+backward)."""
+    """algbw vs size, one panel per case, one line per method and pass: each method one hue, its
+    forward line dark and solid with circles, its forward+backward line light and dashed with
+    squares (no two lines share a colour); one legend for the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
+    palette = plt.get_cmap("tab20")  # 20 colours, in pairs: a dark and a light shade of each hue
+    style = {"fwd": (0, "-", "o"), "fwd+bwd": (1, "--", "s")}  # (shade, line style, marker)
     cases = list(dict.fromkeys(r["case"] for r in results))
-    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4.5), squeeze=False)
-    for ax, case in zip(axes[0], cases):
-        for pas in ("fwd", "fwd+bwd"):
-            rows = [r for r in results if r["case"] == case and r["pass"] == pas]
-            for color, m in enumerate(METHODS):
-                pts = sorted((r["size"], r["algbw_GBps"][m]) for r in rows if m in r["algbw_GBps"])
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"{m} {pas}", color=f"C{color}",
-                            linestyle="--" if pas == "fwd+bwd" else "-")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("size of the global tensor (bytes)")
-        ax.set_ylabel("algbw (GB/s) = size / time")
-        ax.set_title(case, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with plt.rc_context({"font.size": 10}):
+        fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases) + 2.5, 5), squeeze=False)
+        lines = {}
+        for ax, case in zip(axes[0], cases):
+            for i, m in enumerate(METHODS):
+                for pas, (shade, linestyle, marker) in style.items():
+                    pts = sorted((r["size"], r["algbw_GBps"][m]) for r in results
+                                 if r["case"] == case and r["pass"] == pas and m in r["algbw_GBps"])
+                    if pts:
+                        lines[f"{m} {pas}"], = ax.plot(
+                            *zip(*pts), color=palette(2 * i + shade), linewidth=2,
+                            linestyle=linestyle, marker=marker)
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: size_text(int(v))))
+            ax.set_yscale("log")
+            ax.set_xlabel("size of the global tensor (bytes)")
+            ax.set_ylabel("algbw = size / time (GB/s)")
+            ax.set_title(case)
+            ax.grid(True, which="both", alpha=0.3)
+        fig.suptitle("hpcomm-bench: bandwidth by tensor size (higher is better)")
+        fig.legend(lines.values(), lines.keys(), loc="center right")
+        fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -868,28 +893,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-seqs", type=int, default=16, help="ragged sequences per size")
     p.add_argument("--seed", type=int, default=0, help="seed of the ragged lengths and the data")
     p.add_argument("--hidden", type=int, default=256, help="elements per row (last dim)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="element type")
     p.add_argument("--sweep", action="store_true", help="sizes from --min-rows doubling to --rows")
-    p.add_argument("--min-rows", type=int, default=1024)
+    p.add_argument("--min-rows", type=int, default=1024, help="smallest size of --sweep, in rows")
     p.add_argument("--nproc", type=int, help="local gloo ranks (default: as many as the layouts "
                    "name; ignored under torchrun)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
+    p.add_argument("--iters", type=int, default=20, help="timed rounds; the table shows the median")
     p.add_argument("--burst", type=int, default=1, help="calls back to back per timed sample, as a "
                    "training step makes them (single calls after a barrier also time the barrier's "
-                   "skew between ranks, which dominates below a few MiB here)")
+                   "skew between ranks, which can dominate below a few MiB)")
     p.add_argument("--backward", action="store_true", help="also time forward+backward")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--backend", default="auto", help="hpcomm kernel backend")
-    p.add_argument("--json", help="write every row to this file")
+    p.add_argument("--wide", action="store_true", help="the full table: each method's own time "
+                   "beside its ratio, the element count, rows, f and p2p/wire (about 230 columns)")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="write every row, with every measurement, as JSON to FILE; without FILE, "
+                   "print the JSON document to stdout and the tables to stderr")
     p.add_argument("--plot", help="write algbw vs size (PNG) to this file")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="targets: the issue's CPU targets, "
-                   "PASS/MISS per target; megatron: Megatron-style boundaries, which transport "
+    p.add_argument("--preset", choices=sorted(PRESETS), help="targets: hpcomm's CPU performance "
+                   "targets, PASS/MISS per target; megatron: Megatron-style boundaries, which transport "
                    "(all_to_all_single or batch_isend_irecv) moves the plan's bytes faster. Fixes the "
                    "layouts, placements, methods and fp32; --rows (default 64 Ki) and --hidden "
                    "(default 256: 1 KiB rows) set the size the targets are stated for; the targets' CP "
                    f"case sweeps from {SWEEP_MIN_ROWS} rows. --num-seqs, --sweep, --iters, --warmup, "
-                   "--backward, --json, --plot still apply")
+                   "--backward, --wide, --json, --plot still apply")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(METHODS)
@@ -950,12 +979,17 @@ def local_threads(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // world_size)
 
 
-def run_all(cfgs: list[dict[str, Any]], worlds: Callable[[int], World] | None = None) -> list[dict[str, Any]]:
+def run_all(cfgs: list[dict[str, Any]], worlds: Callable[[int], World] | None = None,
+            wide: bool = False, out: TextIO | None = None) -> list[dict[str, Any]]:
     """Every case on the torchrun world (RANK set), on ``worlds(n)`` (an existing local World of n
     ranks), or on fresh local gloo worlds, each closed once the next case needs another size;
-    rows in order."""
+    rows in order. Prints each case's table to ``out`` (default: stdout) as its rows come."""
     torchrun = "RANK" in os.environ
-    print_fn = print if not torchrun or dist.get_rank() == 0 else (lambda *a, **k: None)
+    quiet = torchrun and dist.get_rank() != 0
+
+    def print_fn(line: str) -> None:
+        if not quiet:
+            print(line, file=out, flush=True)
     owned: World | None = None
     results, last_case, explained = [], None, set()
     try:
@@ -978,15 +1012,15 @@ def run_all(cfgs: list[dict[str, Any]], worlds: Callable[[int], World] | None = 
                     world = owned = owned or World(size, pg_timeout=600)
                 raw = world.run(run_case, cfg, timeout=3600)[0]
             if cfg["case"] != last_case:
-                print_fn("\n".join(legend(cfg, size, comm)))
-                print_fn(header())
+                cols = columns(cfg["methods"], wide)
+                print_fn("\n".join(legend(cfg, size, comm, wide)))
+                print_fn(header(cols))
                 last_case = cfg["case"]
             r = summarize(raw)
             r.update(case=cfg["case"], src=cfg["src_text"], dst=cfg["dst_text"],
                      placement=cfg["placement"], world_size=size, seq_lens=cfg["seq_lens"])
             results.append(r)
-            print_fn(format_row(r))
-            sys.stdout.flush()
+            print_fn(format_row(r, cols))
             for m, why in r["na"].items():
                 if why != "not requested" and (cfg["case"], m, why) not in explained:
                     explained.add((cfg["case"], m, why))
@@ -1000,7 +1034,8 @@ def run_all(cfgs: list[dict[str, Any]], worlds: Callable[[int], World] | None = 
 def target_report(results: list[dict[str, Any]]) -> list[str]:
     """One line per target and size, then the target's verdict line, which alone ends in PASS or
     MISS (PASS when every size passes; hpcomm.selfcheck counts these)."""
-    lines = ["# targets (ratio = hpcomm time / baseline time, forward, medians from this one run)"]
+    lines = ["# targets: ratio = hpcomm time / baseline time, forward, medians from this one run",
+             "# n/a: no size of this run applies to the target, or its baseline did not run"]
     for tg in PRESET_TARGETS:
         rows = [r for r in results
                 if r["case"] == tg.case and r["pass"] == "fwd" and r["size"] >= tg.min_size]
@@ -1014,31 +1049,37 @@ def target_report(results: list[dict[str, Any]]) -> list[str]:
                 missing = True
                 continue
             worst = max(worst or (ratio, r["size"]), (ratio, r["size"]))
-            lines.append(f"  {tg.name:38s} {r['size']:>10d} B  hpcomm {r['time_us']['hpcomm']:9.1f} us  "
-                         f"{tg.baseline} {r['time_us'][tg.baseline]:9.1f} us  ratio {ratio:5.2f}x  "
+            lines.append(f"  {tg.name:38s} {size_text(r['size']):>9}  "
+                         f"hpcomm {r['time_us']['hpcomm']:8.1f} us  "
+                         f"{tg.baseline:>9} {r['time_us'][tg.baseline]:8.1f} us  ratio {ratio:5.2f}x  "
                          f"({'pass' if ratio <= tg.ratio else 'miss'})")
         where = (" at the largest size" if tg.largest_only else
-                 f" at every size >= {tg.min_size} B" if tg.min_size else " at every size")
+                 f" at sizes >= {size_text(tg.min_size)}" if tg.min_size else " at every size")
         if worst is None or missing:
-            verdict = "no size of this run applies, or the baseline did not run: n/a"
+            verdict = "n/a"
         else:
-            verdict = f"worst {worst[0]:.2f}x at {worst[1]} B: {'PASS' if worst[0] <= tg.ratio else 'MISS'}"
-        lines.append(f"TARGET {tg.name}: hpcomm <= {tg.ratio:g}x {tg.baseline}{where}: {verdict}")
+            verdict = (f"worst {worst[0]:.2f}x at {size_text(worst[1])}: "
+                       f"{'PASS' if worst[0] <= tg.ratio else 'MISS'}")
+        lines.append(f"TARGET {tg.name}: hpcomm/{tg.baseline} <= {tg.ratio:g}{where}: {verdict}")
     return lines
 
 
 def transport_report(results: list[dict[str, Any]]) -> list[str]:
-    """Per case and size: which transport moves the plan's bytes faster."""
+    """Per case, then per pass and size: which transport moves the plan's bytes faster."""
     lines = []
     rows = [r for r in results if "p2p_over_wire" in r]
     if rows:
         lines.append("# transport: wire = all_to_all_single, p2p = batch_isend_irecv, same per-peer bytes")
+    case = None
     for r in rows:
+        if r["case"] != case:
+            case = r["case"]
+            lines.append(f"  {case}")
         q = r["p2p_over_wire"]
         winner = ("tie (within 5%)" if abs(q - 1) < 0.05 else f"p2p faster by {1 / q - 1:.0%}" if q < 1
                   else f"all_to_all_single faster by {q - 1:.0%}")
         t = r["time_us"]
-        lines.append(f"  {r['case']:50s} {r['pass']:7s} {r['size']:>10d} B  wire {t['wire']:9.1f} us  "
+        lines.append(f"    {r['pass']:7s} {size_text(r['size']):>9}  wire {t['wire']:9.1f} us  "
                      f"p2p {t['wire_p2p']:9.1f} us  p2p/wire {q:5.2f}x  {winner}")
     return lines
 
@@ -1060,19 +1101,27 @@ def main(argv: Sequence[str] | None = None, worlds: Callable[[int], World] | Non
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=timedelta(seconds=600))
-    results = run_all(cfgs, worlds)
+    # --json without a file: stdout carries the JSON document alone, the tables go to stderr
+    out = sys.stderr if args.json == "-" else sys.stdout
+    results = run_all(cfgs, worlds, args.wide, out)
     is_root = not dist.is_initialized() or dist.get_rank() == 0
     if is_root:
-        print("\n".join(transport_report(results)))
+        report = transport_report(results)
         if args.preset == "targets":
-            print("\n".join(target_report(results)))
+            report += target_report(results)
         if results and not results[0]["out_arg"]:
-            print("# note: Transform.__call__ has no out=; hpcomm allocates its output every call")
-        if args.json:
+            report.append("# note: Transform.__call__ has no out=; hpcomm allocates its output every call")
+        for line in report:
+            print(line, file=out)
+        if args.json == "-":
+            print(json.dumps(results, indent=1))
+        elif args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
+            print(f"wrote every row as JSON to {args.json}", file=out)
         if args.plot:
             plot(results, args.plot)
+            print(f"wrote the plot to {args.plot}", file=out)
     if owns_group:
         dist.destroy_process_group()
     ok = all(all(r["verified"].values()) for r in results)

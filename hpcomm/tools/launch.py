@@ -7,9 +7,13 @@ called as ``fn(rank, world_size, *args)`` inside an initialized default process 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
+import signal
 import socket
+import sys
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -30,6 +34,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this worker process as soon as its parent ``parent_pid`` ends, however it ends: a parent
+    killed by SIGKILL cannot stop its workers, which would otherwise live on (busy, or waiting on
+    their peers forever). Linux delivers SIGKILL to a child whose parent dies once prctl asks for
+    it; a thread polling the parent's pid covers other systems and a parent that died before the
+    prctl call. Linux sends the signal when the parent's thread that started the worker ends: start
+    workers from a thread that outlives them (the main thread)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 class RemoteError(RuntimeError):
     """An exception raised on one or more ranks of a World (or a rank's process died), with their
     tracebacks; ``results`` holds what the other ranks returned."""
@@ -42,7 +67,10 @@ class RemoteError(RuntimeError):
 
 def _worker(rank: int, world_size: int, port: int,
             tasks: Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None],
-            results: Queue[tuple[int, bool, Any]], pg_timeout: float) -> None:
+            results: Queue[tuple[int, bool, Any]], pg_timeout: float, parent_pid: int,
+            env: dict[str, str]) -> None:
+    die_with_parent(parent_pid)
+    os.environ.update(env)
     # share the cores among the ranks, as torchrun's OMP_NUM_THREADS=1 does (torch is already
     # imported here, so the environment variable alone would come too late)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -65,10 +93,11 @@ def _worker(rank: int, world_size: int, port: int,
 class World:
     """N local gloo processes reused across calls. ``run(fn, *args)`` returns the per-rank results
     or raises RemoteError; a call that does not finish within ``timeout`` kills the world (the
-    next call starts a fresh one) and raises TimeoutError."""
+    next call starts a fresh one) and raises TimeoutError. ``env``: set in every process before
+    the process group starts (e.g. HPCOMM_EMULATE_NCCL=1)."""
 
-    def __init__(self, world_size: int, pg_timeout: float = 60.0) -> None:
-        self.world_size, self.pg_timeout = world_size, pg_timeout
+    def __init__(self, world_size: int, pg_timeout: float = 60.0, env: dict[str, str] | None = None) -> None:
+        self.world_size, self.pg_timeout, self.env = world_size, pg_timeout, dict(env or {})
         self._procs: list[BaseProcess] = []
 
     def _start(self) -> None:
@@ -78,7 +107,7 @@ class World:
         port = free_port()
         self._procs = [ctx.Process(target=_worker, daemon=True,
                                    args=(r, self.world_size, port, self._tasks[r], self._results,
-                                         self.pg_timeout))
+                                         self.pg_timeout, os.getpid(), self.env))
                        for r in range(self.world_size)]
         for p in self._procs:
             p.start()

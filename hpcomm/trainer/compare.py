@@ -16,15 +16,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from hpcomm.tools.launch import free_port
 
 from .parallelize import ParallelDims
-from .train import INHERIT, TrainConfig, free_port, train
+from .train import INHERIT, TrainConfig, run_workers, train
 
 
 def compare_configs(cfg: TrainConfig, world_size: int) -> dict[str, TrainConfig]:
@@ -73,20 +75,33 @@ def _run(rank: int, world_size: int, port: int, cfg: TrainConfig, path: str) -> 
             json.dump(result, f)
 
 
-def compare(configs: dict[str, TrainConfig], world_size: int) -> list[dict[str, Any]]:
+def compare(configs: dict[str, TrainConfig], world_size: int, progress: bool = False
+            ) -> list[dict[str, Any]]:
     """Train each configuration on world_size fresh local processes, and the single-process
-    reference once per distinct model setting; one row per configuration."""
+    reference once per distinct model setting; one row per configuration. With progress, print
+    a line as each configuration starts and one with its wall time as it ends."""
     references: dict[bool, list[float]] = {}
     rows = []
-    for name, cfg in configs.items():
+    for i, (name, cfg) in enumerate(configs.items(), 1):
+        needs_reference = cfg.freeze_encoder not in references
+        if progress:
+            print(f"[{i}/{len(configs)}] {name}: {cfg.steps} steps on {world_size} processes"
+                  + (", then in one process (the parity reference)" if needs_reference else ""),
+                  flush=True)
+        start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "result.json")
-            mp.spawn(_run, args=(world_size, free_port(), cfg, path), nprocs=world_size)
+            run_workers(_run, world_size, world_size, free_port(), cfg, path)
             with open(path) as f:
                 result = json.load(f)
-        if cfg.freeze_encoder not in references:
+        done = f"[{i}/{len(configs)}] {name}: done in {time.perf_counter() - start:.1f} s"
+        if needs_reference:
+            start = time.perf_counter()
             references[cfg.freeze_encoder] = train(cfg, progress=False)["losses"]
+            done += f" (reference {time.perf_counter() - start:.1f} s)"
         reference = references[cfg.freeze_encoder]
+        if progress:
+            print(done, flush=True)
         steady = slice(1, None) if cfg.steps > 1 else slice(None)
         seconds = sum(result["step_seconds"][steady])
         rows.append({
@@ -118,22 +133,34 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_comparison(rows: list[dict[str, Any]], path: str) -> None:
-    """Throughput bars and loss curves side by side."""
+    """Throughput bars (with their values) and loss curves side by side; each configuration has
+    one colour in both panels, and its own line style among the curves."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = [r["config"] for r in rows]
-    bars.barh(range(len(rows)), [r["tokens_per_s"] for r in rows])
-    bars.set_yticks(range(len(rows)), names, fontsize=7)
-    bars.invert_yaxis()
-    bars.set_xlabel("tokens/s")
-    for r in rows:
-        curves.plot(r["losses"], label=r["config"])
-    curves.set_xlabel("step")
-    curves.set_ylabel("loss")
-    curves.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with plt.rc_context({"font.size": 10}):
+        fig, (bars, curves) = plt.subplots(1, 2, figsize=(14, 5))
+        colors = [f"C{i}" for i in range(len(rows))]
+        drawn = bars.barh(range(len(rows)), [r["tokens_per_s"] for r in rows], color=colors)
+        bars.bar_label(drawn, labels=[f"{r['tokens_per_s']:,.0f}" for r in rows], padding=3)
+        bars.set_yticks(range(len(rows)), [r["config"] for r in rows])
+        bars.invert_yaxis()
+        bars.margins(x=0.2)  # room for the values
+        bars.set_xlabel("tokens/s (steps after the first, slowest rank)")
+        bars.set_title("throughput (higher is better)")
+        styles = ["-", "--", ":", "-."]
+        for i, r in enumerate(rows):
+            curves.plot(r["losses"], color=colors[i], linestyle=styles[i % len(styles)],
+                        label=r["config"])
+        curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+        curves.set_xlabel("step")
+        curves.set_ylabel("loss")
+        curves.set_title("training loss per step")
+        curves.grid(True, alpha=0.3)
+        curves.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    print(f"wrote the comparison plot to {path}")

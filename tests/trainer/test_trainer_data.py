@@ -116,8 +116,9 @@ def test_cli_single_process_manifest_and_plot(manifest, tmp_path, capsys):
     plot = tmp_path / "loss.png"
     assert train_mod.main(["--nproc", "1", "--data", manifest, "--steps", "2", "--batch-size", "4",
                            "--plot", str(plot), "--check-parity"]) == 0
-    out = capsys.readouterr().out
-    assert out.strip().splitlines()[-1] == "parity: max |Δloss| = 0.000e+00 over 2 steps"
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "parity: max |Δloss| = 0.000e+00 over 2 steps" in lines
+    assert lines[-1] == f"wrote the loss curve to {plot}"  # a command that writes a file says where
     assert plot.stat().st_size > 1000
 
 
@@ -141,8 +142,9 @@ def test_cli_compare_prints_table_and_plots(tmp_path, capsys):
     assert train_mod.main(["--compare", "--nproc", "2", "--steps", "2", "--batch-size", "4",
                            "--plot", str(plot)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split()[:3] == ["configuration", "step", "ms"]
-    rows = lines[2:]
+    assert [line.split()[0] for line in lines[:6:2]] == ["[1/3]", "[2/3]", "[3/3]"]  # announced as they start
+    head = next(i for i, line in enumerate(lines) if line.split()[:3] == ["configuration", "step", "ms"])
+    rows = [line for line in lines[head + 2:head + 5]]
     assert len(rows) == 3 and rows[0].startswith("homogeneous")
     assert "coloc enc dp=2" in rows[1] and "noncoloc enc dp=1" in rows[2]
     assert all(float(row.split()[-1]) < train_mod.PARITY_TOLERANCE for row in rows)
