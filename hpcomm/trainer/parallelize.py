@@ -90,6 +90,10 @@ class CommClock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        # Transform calls of this rank whose backward has not run yet, by call number: kind. A
+        # step must end with none (see pending_backward).
+        self.pending: dict[int, str] = {}
+        self._calls = 0
 
     def wrap(self, kind: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """fn timed in forward and (through autograd node hooks) in backward."""
@@ -99,13 +103,27 @@ class CommClock:
             self.seconds[kind] += time.perf_counter() - start
             if y.grad_fn is not None:
                 started: list[float] = []
+                key = self._calls
+                self._calls += 1
+                self.pending[key] = kind
                 y.grad_fn.register_prehook(lambda grads: started.append(time.perf_counter()))
-                y.grad_fn.register_hook(lambda grads_in, grads_out: self._add(kind, started))
+                y.grad_fn.register_hook(lambda grads_in, grads_out: self._add(kind, started, key))
             return y
         return call
 
-    def _add(self, kind: str, started: list[float]) -> None:
+    def _add(self, kind: str, started: list[float], key: int) -> None:
         self.seconds[kind] += time.perf_counter() - started[-1]
+        self.pending.pop(key, None)
+
+    def pending_backward(self) -> dict[str, int]:
+        """Transform calls with autograd history whose backward never ran, per kind, and forget
+        them. Backward is collective, so a rank that skips one (its output did not reach any
+        root this rank called backward on) leaves its peers waiting in that backward forever."""
+        counts: dict[str, int] = defaultdict(int)
+        for kind in self.pending.values():
+            counts[kind] += 1
+        self.pending.clear()
+        return dict(counts)
 
 
 @torch.compiler.disable
@@ -143,6 +161,32 @@ def _gather_kv(module: nn.Module, args: tuple[torch.Tensor, torch.Tensor, AttnCo
     return q, cp_gather(kv, ctx), ctx
 
 
+@torch.compiler.disable
+def keep_in_graph(out: torch.Tensor, q: torch.Tensor, kv: torch.Tensor,
+                  ctx: AttnContext) -> torch.Tensor:
+    """The core attention's output, made to depend on q and kv when this rank has no query rows.
+
+    With no query rows (no segments: e.g. a CP rank whose zigzag chunks of every sample of the
+    micro-batch hold no image tokens, so the encoder gives it no rows) varlen_attention returns a
+    fresh empty tensor that reads neither q nor the gathered K/V. Autograd would then never reach
+    the transforms that produced them (the CP K/V gather, through q/k/v the attention region's SP
+    gather) and this rank would skip their backward, while its peers, which have queries, run it
+    and wait for this rank's (zero) partial gradients forever: transform backward is collective.
+    The zero-weight term adds nothing to the (empty) output and gives q and kv zero gradients at
+    the same point of the backward graph as on every other rank, so every rank runs the same
+    transform backwards in the same order."""
+    if ctx.segments:  # every query row is in a segment, and every segment reads q, K and V
+        return out
+    return out + (q.sum() + kv.sum()) * 0
+
+
+def _keep_inputs_in_graph(module: nn.Module,
+                          args: tuple[torch.Tensor, torch.Tensor, AttnContext],
+                          out: torch.Tensor) -> torch.Tensor:
+    q, kv, ctx = args  # after the pre-hooks: kv is the gathered K/V under CP
+    return keep_in_graph(out, q, kv, ctx)
+
+
 # ---------------------------------------------------------------- applying the parallelism
 
 def _shard(linear: nn.Linear, dim: int, tp_rank: int, tp: int) -> None:
@@ -173,6 +217,8 @@ def parallelize(module: _M, mesh: Mesh) -> _M:
                 region.register_forward_hook(_leave_tp_region)
         if mesh.dims.cp > 1:
             attn.core.register_forward_pre_hook(_gather_kv)
+        if tp > 1 or mesh.dims.cp > 1:  # q, k and v come out of transforms (see keep_in_graph)
+            attn.core.register_forward_hook(_keep_inputs_in_graph)
     return module
 
 

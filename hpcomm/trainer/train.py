@@ -14,14 +14,18 @@ Run it:
     torchrun --nproc-per-node 8 -m hpcomm.trainer.train --encoder "dp=8" --llm "dp=2,cp=2,tp=2"
 
 Under torchrun the given world is used (NCCL on GPUs, gloo otherwise) and --nproc is ignored.
-Colocated: both modules on all ranks, each degree product equals the world size. Non-colocated:
-the encoder on the first encoder-size ranks, the LLM on the rest. docs/TRAINER.md has the details.
+Colocated: the LLM on all ranks, the encoder on all ranks or (with --llm pp>1) on the LLM's first
+stage's ranks only, as hpcomm-advise proposes (the encoder's degrees multiply to the world size or
+to the stage's size). Non-colocated: the encoder on the first encoder-size ranks, the LLM on the
+rest. docs/TRAINER.md has the details.
 
 Each rank reads only its own samples; the next step (data, lengths exchange, layouts, transforms)
-is prepared on a background thread while the current one computes. Each step prints loss,
-tokens/s, the share of step time in the boundary transform (forward plus backward, mean over
-ranks), the worst rank's idle share (time inside communication) and the step's wait for its
-preparation; rank 0 ends with a summary and a caption the model generates for a held-out image.
+is prepared on a background thread while the current one computes. Each step prints one line
+(above a progress bar when stderr is a terminal): loss, tokens/s, the share of step time in the
+boundary transform (forward plus backward, mean over ranks), the worst rank's idle share (time
+inside communication) and the step's wait for its preparation; rank 0 ends with a summary and a
+caption the model generates for a held-out image. Killing the main process (any signal) ends the
+local training processes too; --timeout bounds how long a transform waits on a peer.
 --check-parity then reruns the same steps as one process without any parallelism and ends with
 `parity: max |Δloss| = X over S steps` (exit status 1 if X > 1e-4).
 """
@@ -32,13 +36,13 @@ import argparse
 import os
 import queue
 import resource
-import socket
+import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,6 +52,7 @@ from torch import nn
 
 from hpcomm import Layout, Transform
 from hpcomm import gather_lengths
+from hpcomm.tools.launch import die_with_parent, free_port
 
 from .data import (EOS, IGNORE, IMG, Batch, ManifestDataset, Sample, SyntheticDataset, decode,
                    pack, patchify, prompt, rank_share, step_indices)
@@ -57,6 +62,7 @@ from .parallelize import (CommClock, Mesh, ParallelDims, apply_compile, attn_con
 
 PARITY_TOLERANCE = 1e-4
 INHERIT = "inherit"  # --encoder inherit: the homogeneous baseline
+DEFAULT_TIMEOUT = 60.0  # seconds a transform waits on its peers in hpcomm-train's processes
 
 
 @dataclass
@@ -97,10 +103,15 @@ class TrainConfig:
             return self.llm.stage_ranks(list(range(world_size)))[0], list(range(world_size))
         enc = self.encoder.size  # type: ignore[union-attr]  # not INHERIT
         if self.placement == "colocated":
-            if enc != world_size or llm != world_size:
-                raise ValueError(f"colocated: encoder {self.encoder} and LLM {self.llm} must each "
-                                 f"multiply to the world size {world_size}")
-            return list(range(world_size)), list(range(world_size))
+            # The encoder spans every rank, or (pp > 1) only the ranks of the LLM's first stage,
+            # as the advisor places it; with pp == 1 the two are the same ranks.
+            stage = self.llm.stage.size
+            if llm != world_size or enc not in (world_size, stage):
+                first = f" or its first stage's {stage} ranks" if stage != world_size else ""
+                raise ValueError(f"colocated: LLM {self.llm} must multiply to the world size "
+                                 f"{world_size} and encoder {self.encoder} to it{first}")
+            everyone = list(range(world_size))
+            return (everyone if enc == world_size else self.llm.stage_ranks(everyone)[0]), everyone
         if self.placement == "noncolocated":
             if enc + llm != world_size:
                 raise ValueError(f"noncolocated: encoder {self.encoder} and LLM {self.llm} sizes "
@@ -374,6 +385,12 @@ class Trainer:
                 self._forward(mbs[i], prepared.num_targets)
             else:
                 self._backward(mbs, i)
+        skipped = self.clock.pending_backward()
+        if skipped:  # fail here rather than wait in the gradient all-reduce while peers hang
+            raise RuntimeError(
+                f"rank {self.rank}, step {step}: the backward of transform calls "
+                f"{skipped} never ran on this rank (their outputs reach no loss or root here), "
+                f"so the peers of those transforms wait for this rank forever")
         reduce_start = time.perf_counter()
         for module, mesh, opt in self.optimizers:
             reduce_grads(module, mesh)
@@ -509,19 +526,29 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
     prefetcher = Prefetcher(trainer, cfg.steps)
     history: list[StepStats] = []
     build: list[float] = []  # this rank's time building each step, in the background
-    bar = tqdm(range(cfg.steps), disable=rank != 0 or not progress, desc="train", leave=False)
-    for step in bar:
+    log = rank == 0 and progress
+    # A bar only on a terminal: in a pipe or a file its redraws are carriage returns and stale
+    # copies; there each step is one line. (Not even a disabled bar elsewhere: it would take a
+    # multiprocessing lock, reported as leaked when the process is killed.)
+    bar = tqdm(total=cfg.steps, desc="train", leave=False) if log and sys.stderr.isatty() else None
+    for step in range(cfg.steps):
         prepared, waited = prefetcher.get()
         stats = trainer.step(step, prepared, waited)
         history.append(stats)
         build.append(prepared.prepare_seconds / stats.seconds)
-        if rank == 0 and progress:
-            bar.write(f"step {step:4d} | loss {stats.loss:7.4f} | "
-                      f"{stats.tokens / stats.seconds:9,.0f} tok/s | "
-                      f"boundary {stats.boundary_share:6.1%} | "
-                      f"idle {max(stats.idle_share):6.1%} (worst rank) | "
-                      f"prepare {stats.prepare_share:5.1%} of {stats.seconds * 1e3:6.1f} ms")
-    bar.close()
+        if log:
+            line = (f"step {step:4d} | loss {stats.loss:7.4f} | "
+                    f"{stats.tokens / stats.seconds:9,.0f} tok/s | "
+                    f"boundary {stats.boundary_share:6.1%} | "
+                    f"idle {max(stats.idle_share):6.1%} (worst rank) | "
+                    f"prepare {stats.prepare_share:5.1%} of {stats.seconds * 1e3:6.1f} ms")
+            if bar:
+                bar.write(line)  # above the bar
+                bar.update()
+            else:
+                print(line, flush=True)  # a log shows each step as it ends, not at exit
+    if bar:
+        bar.close()
     # The first step pays for warm-up (and compilation): means are over the others.
     steady = history[1:] or history
     result: dict[str, Any] = {
@@ -559,7 +586,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
                   f"llm {relative[1]:.2e}")
             print(f"parity: max |Δloss| = {result['loss_error']:.3e} over {cfg.steps} steps")
     if plot and rank == 0:
-        _plot(plot, result)
+        _plot(plot, result, cfg)
     return result
 
 
@@ -573,38 +600,76 @@ def _summary(cfg: TrainConfig, result: dict[str, Any], world_size: int,
     print(f"{cfg.describe()} on {world_size} rank(s): {len(losses)} steps, "
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     print(f"  {tokens / seconds:,.0f} tok/s, {flops / seconds / world_size / 1e9:.2f} GFLOP/s per "
-          f"rank, boundary {result['boundary_share']:.1%}, idle per rank "
-          + " ".join(f"{v:.0%}" for v in result["idle_share"])
-          + f"; preparing a step (data, lengths, layouts, transforms) took "
+          f"rank; boundary {result['boundary_share']:.1%} of step time; idle per rank "
+          + " ".join(f"{v:.0%}" for v in result["idle_share"]))
+    print(f"  preparing a step (data, lengths, layouts, transforms): "
           f"{result['build_share']:.1%} of a step in the background, "
           f"{result['prepare_share']:.1%} on the critical path")
     model = MultimodalModel(cfg.model, cfg.seed)
     model.load_state_dict(state)  # type: ignore[arg-type]  # rank 0 holds the whole state
     # The synthetic task never repeats a sample; a manifest has no held-out split.
     sample = dataset[cfg.steps * cfg.batch_size]
-    what = "an image from the manifest" if cfg.data else "a held-out image"
-    print(f"  caption of {what}: {generate(model, sample, cfg.model.patch)!r} "
-          f"(true: {sample.text!r})")
+    what = "caption of an image from the manifest" if cfg.data else "sample caption"
+    # A small model after a short run gets captions partly wrong: say so, lest it read as a bug.
+    print(f"  {what} after {cfg.steps} steps (a short run: expect it to be partly wrong): "
+          f"{generate(model, sample, cfg.model.patch)!r} (true: {sample.text!r})")
+    sys.stdout.flush()
 
 
-def _plot(path: str, result: dict[str, Any]) -> None:
+def _plot(path: str, result: dict[str, Any], cfg: TrainConfig) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(result["losses"], label="parallel")
-    if "reference" in result:
-        ax.plot(result["reference"], "--", label="single-process reference")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with plt.rc_context({"font.size": 11}):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.plot(result["losses"], marker=".", label="parallel")
+        if "reference" in result:
+            ax.plot(result["reference"], "--", label="single-process reference")
+        ax.set_title(f"training loss: {cfg.describe()}", fontsize=11)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (cross-entropy per target token)")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    print(f"wrote the loss curve to {path}")
 
 
 # ---------------------------------------------------------------- processes
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _bound_worker(rank: int, parent_pid: int, fn: Callable[..., None], *args: Any) -> None:
+    die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group: the parent alone handles it, and stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fn(rank, *args)
+
+
+def run_workers(fn: Callable[..., None], nprocs: int, *args: Any) -> None:
+    """mp.spawn(fn, args, nprocs) with workers that never outlive this process: they end when it
+    ends, even by SIGKILL, and SIGINT (KeyboardInterrupt) or SIGTERM (SystemExit(143)) here kill
+    them before the exception leaves; a failed worker raises as in mp.spawn. fn must be picklable
+    (module level). Call it from the main thread (it handles SIGTERM while the workers run)."""
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    context = mp.start_processes(_bound_worker, args=(os.getpid(), fn, *args), nprocs=nprocs,
+                                 join=False)
+    try:
+        while not context.join():
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+
 
 def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, args: argparse.Namespace) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -618,29 +683,36 @@ def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, args: argpa
         sys.exit(1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hpcomm-train", description=__doc__.split("\n")[0])
-    p.add_argument("--nproc", type=int, default=4, help="local processes when not under torchrun")
-    p.add_argument("--encoder", default="dp=4",
-                   help='encoder degrees, e.g. "dp=2,tp=2", or "inherit" (the LLM\'s layout)')
-    p.add_argument("--llm", default="cp=2,tp=2", help='LLM degrees, e.g. "dp=1,cp=2,tp=2,pp=2"')
-    p.add_argument("--placement", default="colocated", choices=("colocated", "noncolocated"))
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--micro-batches", type=int, default=TrainConfig.micro_batches)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="samples per step")
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--data", default=None, help="JSONL manifest; default: synthetic shapes task")
+    p.add_argument("--nproc", type=int, default=4,
+                   help="local processes when not under torchrun (default: %(default)s)")
+    p.add_argument("--encoder", default="dp=4", help='encoder degrees, e.g. "dp=2,tp=2", or '
+                   '"inherit" (the LLM\'s layout) (default: %(default)s)')
+    p.add_argument("--llm", default="cp=2,tp=2",
+                   help='LLM degrees, e.g. "dp=1,cp=2,tp=2,pp=2" (default: %(default)s)')
+    p.add_argument("--placement", default="colocated", choices=("colocated", "noncolocated"),
+                   help="colocated: the LLM on every rank, the encoder on every rank or (LLM pp>1, "
+                   "encoder degrees multiplying to one stage's size) on the LLM's first stage's "
+                   "ranks; noncolocated: the encoder on the first ranks, the LLM on the rest "
+                   "(default: %(default)s)")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps,
+                   help="training steps (default: %(default)s)")
+    p.add_argument("--micro-batches", type=int, default=TrainConfig.micro_batches,
+                   help="micro-batches per step (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help="samples per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr,
+                   help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed,
+                   help="seed of the weights and the data (default: %(default)s)")
+    p.add_argument("--data", default=None,
+                   help="JSONL manifest (default: the synthetic shapes task)")
     p.add_argument("--freeze-encoder", action="store_true",
                    help="train the LLM only (no encoder gradients, no boundary backward)")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the blocks (default backend: inductor)")
+                   help="torch.compile the blocks with BACKEND, inductor if none is given "
+                   "(default: eager, nothing compiled)")
     p.add_argument("--plot", default=None, help="write the loss curve (with --compare: throughput "
                    "bars and loss curves) to this PNG")
     p.add_argument("--check-parity", action="store_true",
@@ -648,7 +720,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare", action="store_true",
                    help="run the homogeneous baseline and a colocated and a non-colocated "
                    "heterogeneous configuration, and print one table")
-    return p.parse_args(argv)
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long a transform waits on its peers before it fails instead of "
+                   "hanging (sets HPCOMM_TIMEOUT for the training processes; default: "
+                   f"$HPCOMM_TIMEOUT if set, else {DEFAULT_TIMEOUT:g})")
+    args = p.parse_args(argv)
+    if args.timeout is not None and not args.timeout > 0:
+        p.error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -677,38 +756,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"hpcomm-train: error: {e}", file=sys.stderr)
         return 2
+    # A peer that died or diverged fails the run with an error instead of hanging it. Set before
+    # any transform is built; the local training processes inherit it.
+    if args.timeout is not None:
+        os.environ["HPCOMM_TIMEOUT"] = f"{args.timeout:g}"
+    else:
+        os.environ.setdefault("HPCOMM_TIMEOUT", f"{DEFAULT_TIMEOUT:g}")
     # Local CPU runs use one intra-op thread per process: the matrices are tiny, and OpenMP
     # threads spinning against the other processes on a small machine cost up to 50x.
     torch.set_num_threads(1)
-    if args.compare:
-        from .compare import compare, format_table, plot_comparison
-        rows = compare(configs, world_size)
-        print(format_table(rows))
-        if args.plot:
-            plot_comparison(rows, args.plot)
-        return 0
-    if torchrun:
-        cuda = torch.cuda.is_available()
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        try:
-            result = train(cfg, rank, world_size, device, args.check_parity, args.plot)
-        finally:
-            dist.destroy_process_group()
-        failed = args.check_parity and rank == 0 and result["loss_error"] > PARITY_TOLERANCE
-        return 1 if failed else 0
-    if args.nproc == 1:
-        result = train(cfg, check_parity=args.check_parity, plot=args.plot)
-        return 1 if args.check_parity and result["loss_error"] > PARITY_TOLERANCE else 0
     try:
-        mp.spawn(_worker, args=(args.nproc, free_port(), cfg, args), nprocs=args.nproc)
+        if args.compare:
+            from .compare import compare, format_table, plot_comparison
+            rows = compare(configs, world_size, progress=True)
+            print(format_table(rows))
+            if args.plot:
+                plot_comparison(rows, args.plot)
+            return 0
+        if torchrun:
+            return _torchrun(cfg, args)
+        if args.nproc == 1:
+            result = train(cfg, check_parity=args.check_parity, plot=args.plot)
+            return 1 if args.check_parity and result["loss_error"] > PARITY_TOLERANCE else 0
+        run_workers(_worker, args.nproc, args.nproc, free_port(), cfg, args)
     except mp.ProcessExitedException as e:
         return e.exit_code or 1
+    except KeyboardInterrupt:
+        print("hpcomm-train: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
+
+
+def _torchrun(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    try:
+        result = train(cfg, rank, world_size, device, args.check_parity, args.plot)
+    finally:
+        dist.destroy_process_group()
+    failed = args.check_parity and rank == 0 and result["loss_error"] > PARITY_TOLERANCE
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
