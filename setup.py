@@ -81,7 +81,7 @@ setup(
     package_data={"hpcomm": ["py.typed", "_C.pyi"]},
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "triton", "pillow", "matplotlib", "mypy"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "triton", "pillow", "matplotlib", "mypy", "pdoc"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "train": ["pillow", "matplotlib"],
         "gpu": [_nccl_wheel(), "triton"],
