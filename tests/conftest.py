@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import HealthCheck, settings
 
-from hpcomm.tools.launch import World
+from transports import TRANSPORTS, close_all, shared_world
 
 settings.register_profile("ci", max_examples=60, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -31,14 +31,9 @@ def pytest_configure(config):
         settings.load_profile("fuzz")
 
 
-# Every distributed test runs on both transports: gloo's host path, and the device path (what an
-# NCCL group takes) with NCCL's semantics emulated on gloo (hpcomm.emulate_nccl).
-TRANSPORTS = {"gloo": {}, "nccl-emulated": {"HPCOMM_EMULATE_NCCL": "1"}}
-_worlds: dict[tuple[int, str], World] = {}
-
-
 @pytest.fixture(scope="session", params=list(TRANSPORTS))
 def transport(request):
+    """Every distributed test runs on both transports (tests/transports.py)."""
     return request.param
 
 
@@ -46,11 +41,5 @@ def transport(request):
 def world(transport):
     """world(n) -> a reusable n-process gloo World on this transport (spawned once per session,
     size and transport)."""
-    def get(n: int) -> World:
-        if (n, transport) not in _worlds:
-            _worlds[(n, transport)] = World(n, env=TRANSPORTS[transport])
-        return _worlds[(n, transport)]
-    yield get
-    for w in _worlds.values():
-        w.__exit__(None, None, None)
-    _worlds.clear()
+    yield lambda n: shared_world(n, transport)
+    close_all()

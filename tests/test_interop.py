@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TRANSPORTS
+from transports import TRANSPORTS
 
 JOB = Path(__file__).with_name("interop_job.py")
 

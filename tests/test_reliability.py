@@ -15,7 +15,7 @@ from hpcomm import Layout, Transform, backends
 from hpcomm.comm import TransformError
 from hpcomm.tools.launch import RemoteError, World
 from hpcomm.plan import Plan
-from conftest import TRANSPORTS, _worlds
+from transports import TRANSPORTS, shared_world
 from strategies import dest_layouts, source_layouts
 
 LENS = [17, 30, 8, 25]
@@ -137,9 +137,9 @@ def fuzz_case(rank, world_size, src, dst, seed):
     return ok
 
 
-@settings(max_examples=12)
+@pytest.mark.parametrize("transport", sorted(TRANSPORTS))
+@settings(max_examples=8)
 @given(st.integers(0, 30).flatmap(lambda n: st.tuples(source_layouts(n, 4, 3), dest_layouts(n, 4, 3))),
-       st.integers(0, 2**31), st.sampled_from(sorted(TRANSPORTS)))
-def test_fuzz_sample_in_a_real_world(pair, seed, transport):
-    world = _worlds.setdefault((4, transport), World(4, env=TRANSPORTS[transport]))
-    assert all(world.run(fuzz_case, *pair, seed))
+       st.integers(0, 2**31))
+def test_fuzz_sample_in_a_real_world(transport, pair, seed):
+    assert all(shared_world(4, transport).run(fuzz_case, *pair, seed))
