@@ -21,7 +21,7 @@ import os
 import time
 from datetime import timedelta
 from functools import lru_cache
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -261,10 +261,11 @@ class P2P:
             self._ranks = _Ranks(self.group)
         return self._ranks.pg
 
-    def post(self, sends: Messages, recvs: Messages, what: str, deadline: Deadline
-             ) -> tuple[list[Pending], list[Pending]]:
+    def post(self, sends: Messages, recvs: Messages, what: str, deadline: Deadline,
+             tags: Mapping[int, tuple[int, int]] = {}) -> tuple[list[Pending], list[Pending]]:
         """Post every payload of a call; one Pending per message (on the device path, each is the
-        whole group's)."""
+        whole group's). ``tags``: gloo's tag of the send to and the receive from each peer
+        (default PAYLOAD_TAG); NCCL has none."""
         if not sends and not recvs:
             return [], []
         self._pg()
@@ -282,9 +283,10 @@ class P2P:
                                 what, watchdog, False)
                 return [group] * len(sends), [group] * len(recvs)
             # straight to the process group: torch.distributed's wrappers cost more than gloo's
-            sent = [Pending([pg.send([t], of(p), PAYLOAD_TAG)], p, "payload to", what, deadline, True)
+            no_tags = (PAYLOAD_TAG, PAYLOAD_TAG)
+            sent = [Pending([pg.send([t], of(p), tags.get(p, no_tags)[0])], p, "payload to", what, deadline, True)
                     for p, t in sends]
-            got = [Pending([pg.recv([t], of(p), PAYLOAD_TAG)], p, "payload from", what, deadline, True)
+            got = [Pending([pg.recv([t], of(p), tags.get(p, no_tags)[1])], p, "payload from", what, deadline, True)
                    for p, t in recvs]
             return sent, got
         except RuntimeError as e:

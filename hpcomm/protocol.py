@@ -84,6 +84,13 @@ def describe_call(fields: Sequence[int] | np.ndarray) -> str:
     return f"{direction} call #{fields[SEQ]} of {transform_name(fields[FINGERPRINT])}"
 
 
+def payload_tag(call: Sequence[int], count: int, pair_call: int) -> int:
+    """The gloo tag of a payload of ``count`` elements in the call ``call`` (its header's shared
+    fields) between a pair at its ``pair_call``-th call: equal on both sides exactly when their
+    headers agree on these (but for a 2^-30 chance), in [2^30, 2^31), above every header tag."""
+    return (1 << 30) | (digest(repr((*call, count, pair_call))) & ((1 << 30) - 1))
+
+
 def failure(exc: Exception, reason: int) -> Exception:
     """Tag a local check's error with the reason its header reports."""
     exc.hpcomm_reason = reason  # type: ignore[attr-defined]
@@ -160,6 +167,10 @@ class Exchange:
                                                  [(p, self._theirs_buf[i]) for i, p in enumerate(self.peers)],
                                                  "", deadline) if self.peers else ([], [])
         self._got = dict(zip(self.peers, got))
+        # gloo's payload tags: (tag of this rank's payload to the peer, tag of the peer's to it)
+        self._tags = {p: (payload_tag(call, sends.get(p, -1), words[i, PAIR_CALL]),
+                          payload_tag(call, expects.get(p, -1), words[i, PAIR_CALL]))
+                      for i, p in enumerate(self.peers)}
         self._verdicts: dict[int, str | None] = {}
         self._lost = False  # a header never came, or posting failed: a TransformError
 
@@ -190,24 +201,27 @@ class Exchange:
         return kind(f"rank {self.rank}: {self._what} refused: " + "; ".join(problems))
 
     def post(self, sends: Messages, recvs: Messages) -> tuple[list[Pending], dict[int, Pending]]:
-        """Post the payloads of the pairs that agree: the sends, and each peer's receive. A pair
-        that disagrees sends nothing and posts no receive. The device path posts them all in one
-        group once every header is here; the host path posts each pair's as soon as its header
-        is, so a peer held up by a third rank does not hold up the others. The payloads' waits
-        get a timeout of their own: a peer may post late, once a third rank's header timed out."""
+        """Post the payloads: the sends, and each peer's receive.
+
+        Device path (NCCL has no tags): only the pairs that agree, all in one group, once every
+        header is here; a pair that disagrees sends nothing and posts no receive. Host path
+        (gloo): every payload at once, without waiting for the headers, each under a tag that
+        digests the pair's header fields (``payload_tag``): a payload matches its receive only
+        when the two headers agree on the call, the size and the pair's call count, so a
+        disagreement never reaches gloo's size check (a process abort); what it left posted is
+        kept (Call.release). The payloads' waits get a timeout of their own: a peer may post
+        late, once a third rank's header timed out."""
         transport, deadline = self._transport, self._transport.deadline()
-        if transport.grouped:
-            batches = [sorted({p for p, _ in [*sends, *recvs]})]
-        else:
-            batches = [[p] for p in sorted({p for p, _ in [*sends, *recvs]})]
+        peers = sorted({p for p, _ in [*sends, *recvs]})
+        batches = [peers] if transport.grouped else [[p] for p in peers]
         sent: list[Pending] = []
         got: dict[int, Pending] = {}
-        for peers in batches:
-            ok = {p for p in peers if self.verdict(p) is None}
+        for batch in batches:
+            ok = {p for p in batch if not transport.grouped or self.verdict(p) is None}
             out = [(p, t) for p, t in sends if p in ok]
             into = [(p, t) for p, t in recvs if p in ok]
             try:
-                posted, received = transport.post(out, into, self._what, deadline)
+                posted, received = transport.post(out, into, self._what, deadline, self._tags)
             except TransformError as e:  # reported with the other pairs' problems
                 self._lost = True
                 self._verdicts.update({p: str(e) for p in ok})

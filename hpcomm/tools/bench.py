@@ -464,6 +464,7 @@ class _NoHeaders(protocol.Exchange):
         self.rank, self._transport, self._what = rank, transport, "unchecked"
         self.peers: list[int] = []
         self._verdicts: dict[int, str | None] = {}
+        self._tags: dict[int, tuple[int, int]] = {}
         self._lost = False
 
     def verdict(self, peer: int) -> str | None:
