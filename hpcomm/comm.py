@@ -81,7 +81,6 @@ class Deadline:
 
 class Waitable(Protocol):
     def wait(self, timeout: timedelta = ...) -> Any: ...
-    def is_completed(self) -> bool: ...
 
 
 class Pending:
@@ -94,10 +93,6 @@ class Pending:
         self._works, self.peer, self._kind, self._what = list(works), peer, kind, what
         self._deadline, self._bounded = deadline, bounded
         self._error: str | None = None  # a failed wait fails again (its buffer was never filled)
-
-    def done(self) -> bool:
-        """Whether the messages have moved (or failed), without waiting."""
-        return self._error is not None or all(w.is_completed() for w in self._works)
 
     def wait(self) -> None:
         if self._error is not None:
@@ -207,9 +202,6 @@ class _StoreRead:
 
     def __init__(self, store: Any, key: str, out: torch.Tensor) -> None:
         self._store, self._key, self._out = store, key, out
-
-    def is_completed(self) -> bool:
-        return bool(self._store.check([self._key]))
 
     def wait(self, timeout: timedelta = timedelta(seconds=300)) -> None:
         self._store.wait([self._key], timeout)  # raises on timeout
