@@ -158,8 +158,7 @@ class Exchange:
         self.peers = sorted((set(sends) | set(expects)) - {rank})
         words = np.zeros((len(self.peers), _WORDS), dtype=np.int64)
         for i, p in enumerate(self.peers):
-            words[i, :FAILED + 1] = [*call, sends.get(p, -1 if failed else 0), expects.get(p, -1 if failed else 0),
-                                     transport.pair_call(p), failed]
+            words[i, :FAILED + 1] = [*call, sends.get(p, 0), expects.get(p, 0), transport.pair_call(p), failed]
         self._mine = words
         self._theirs_buf = torch.empty((len(self.peers), HEADER_BYTES), dtype=torch.uint8)
         heads = torch.from_numpy(words.view(np.uint8))  # [peers, HEADER_BYTES]

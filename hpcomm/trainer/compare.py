@@ -26,7 +26,7 @@ import torch.distributed as dist
 from hpcomm.tools.launch import free_port
 
 from .parallelize import ParallelDims
-from .train import INHERIT, TrainConfig, run_workers, train
+from .train import INHERIT, TrainConfig, loss_axes, run_workers, save_figure, train
 
 
 def compare_configs(cfg: TrainConfig, world_size: int) -> dict[str, TrainConfig]:
@@ -138,7 +138,6 @@ def plot_comparison(rows: list[dict[str, Any]], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     with plt.rc_context({"font.size": 10}):
         fig, (bars, curves) = plt.subplots(1, 2, figsize=(14, 5))
@@ -154,13 +153,5 @@ def plot_comparison(rows: list[dict[str, Any]], path: str) -> None:
         for i, r in enumerate(rows):
             curves.plot(r["losses"], color=colors[i], linestyle=styles[i % len(styles)],
                         label=r["config"])
-        curves.xaxis.set_major_locator(MaxNLocator(integer=True))
-        curves.set_xlabel("step")
-        curves.set_ylabel("loss")
-        curves.set_title("training loss per step")
-        curves.grid(True, alpha=0.3)
-        curves.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    print(f"wrote the comparison plot to {path}")
+        loss_axes(curves, "training loss per step", "loss")
+        save_figure(fig, path, "the comparison plot")

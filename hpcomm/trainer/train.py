@@ -620,23 +620,36 @@ def _plot(path: str, result: dict[str, Any], cfg: TrainConfig) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     with plt.rc_context({"font.size": 11}):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.plot(result["losses"], marker=".", label="parallel")
         if "reference" in result:
             ax.plot(result["reference"], "--", label="single-process reference")
-        ax.set_title(f"training loss: {cfg.describe()}", fontsize=11)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (cross-entropy per target token)")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    print(f"wrote the loss curve to {path}")
+        loss_axes(ax, f"training loss: {cfg.describe()}", "loss (cross-entropy per target token)")
+        save_figure(fig, path, "the loss curve")
+
+
+def loss_axes(ax: Any, title: str, ylabel: str) -> None:
+    """Loss curves' axes: whole-number steps, labels, a grid and the legend."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+
+
+def save_figure(fig: Any, path: str, what: str) -> None:
+    """Write a figure and say where (a command that writes a file says so)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {what} to {path}")
 
 
 # ---------------------------------------------------------------- processes
